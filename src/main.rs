@@ -1,0 +1,89 @@
+//! `balsam`: the command line of the Balsam workflow manager. Each subcommand lives in its own
+//! file under `cmd/`; this file only parses arguments, finds the database and dispatches.
+
+mod cmd;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Balsam command line interface
+#[derive(Parser)]
+#[command(name = "balsam", version, about = "Balsam command line interface", propagate_version = true)]
+struct Cli {
+    /// The Balsam database directory (default: $BALSAM_DB_PATH)
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// add a new application definition
+    App(cmd::app::AppArgs),
+    /// add a new Balsam job (or many, with --from-file)
+    Job(cmd::job::JobArgs),
+    /// add a dependency between two existing jobs
+    Dep(cmd::dep::DepArgs),
+    /// list jobs, applications, workflows or queued launches
+    Ls(cmd::ls::LsArgs),
+    /// alter a job
+    Modify(cmd::modify::ModifyArgs),
+    /// remove jobs or applications from the database
+    Rm(cmd::rm::RmArgs),
+    /// kill a job without removing it from the DB
+    Killjob(cmd::killjob::KilljobArgs),
+    /// create a child job of the current job (run inside a job: uses BALSAM_JOB_ID)
+    Mkchild(cmd::mkchild::MkchildArgs),
+    /// start a local instance of the balsam launcher
+    Launcher(cmd::launcher::LauncherArgs),
+    /// create a new Balsam database directory
+    Init(cmd::init::InitArgs),
+    /// add N dummy jobs, for testing
+    #[command(name = "make_dummies", alias = "make-dummies")]
+    MakeDummies(cmd::make_dummies::MakeDummiesArgs),
+    /// show the active database
+    Which(cmd::which::WhichArgs),
+    /// follow the database's logs
+    Log(cmd::log::LogArgs),
+}
+
+fn main() -> ExitCode {
+    cmd::install_panic_hook();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => cmd::init::run(&a),
+        Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),
+        other => match cmd::Ctx::open(cli.db.as_deref()) {
+            Err(e) => Err(e),
+            Ok(mut ctx) => match other {
+                Command::App(a) => cmd::app::run(&mut ctx, &a),
+                Command::Job(a) => cmd::job::run(&mut ctx, &a),
+                Command::Dep(a) => cmd::dep::run(&mut ctx, &a),
+                Command::Ls(a) => cmd::ls::run(&mut ctx, &a),
+                Command::Modify(a) => cmd::modify::run(&mut ctx, &a),
+                Command::Rm(a) => cmd::rm::run(&mut ctx, &a),
+                Command::Killjob(a) => cmd::killjob::run(&mut ctx, &a),
+                Command::Mkchild(a) => cmd::mkchild::run(&mut ctx, &a),
+                Command::MakeDummies(a) => cmd::make_dummies::run(&mut ctx, &a),
+                Command::Log(a) => cmd::log::run(&mut ctx, &a),
+                Command::Launcher(a) => cmd::launcher::run(&ctx.store.dir, &a).map(|code| {
+                    if code != 0 {
+                        std::process::exit(code);
+                    }
+                }),
+                Command::Init(_) | Command::Which(_) => unreachable!("handled above"),
+            },
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balsam: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
