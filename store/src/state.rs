@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 /// A job's state. The integer codes are stored in the database and must never be renumbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 #[repr(u8)]
 pub enum State {
     /// Just added; parents not yet checked.
@@ -233,6 +234,13 @@ mod tests {
             assert_eq!(s.as_str().parse::<State>().unwrap(), *s);
         }
         assert!(State::from_code(14).is_err());
+    }
+
+    #[test]
+    fn serializes_as_the_names_users_type() {
+        for s in ALL_STATES {
+            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
+        }
     }
 
     #[test]

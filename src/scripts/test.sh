@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every check and test of balsam, installing what they need first (idempotent):
+# formatting, clippy, the unit tests, and the end-to-end tests that drive the real binaries under
+# MPICH's mpiexec, a real SQLite file and a real Slurm cluster on loopback.
+#
+#   bash src/scripts/test.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+bash src/scripts/install-deps.sh --slurm
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# The end-to-end tests run binaries of several workspace packages; build them all first.
+cargo build --workspace --all-targets --locked
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every MPI job a test starts is bounded by MPIEXEC_TIMEOUT as well as by its own timeout.
+export MPIEXEC_TIMEOUT="${MPIEXEC_TIMEOUT:-120}"
+cargo test --workspace --locked -- --test-threads="${BALSAM_TEST_THREADS:-2}"
