@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 
 /// Balsam command line interface
 #[derive(Parser)]
-#[command(name = "balsam", version, about = "Balsam command line interface", propagate_version = true)]
+#[command(
+    name = "balsam",
+    version,
+    about = "Balsam command line interface",
+    propagate_version = true
+)]
 struct Cli {
     /// The Balsam database directory (default: $BALSAM_DB_PATH)
     #[arg(long, global = true, value_name = "PATH")]

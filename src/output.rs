@@ -10,7 +10,10 @@ use tabwriter::TabWriter;
 pub fn job_block(job: &Job, parents: &[String], executed: &str, workdir: &str) -> String {
     let s = &job.spec;
     let mut out = format!("BalsamJob {}\n-----\n", job.job_id);
-    let lock = job.lease_session.map(|n| format!("launcher session {n}")).unwrap_or_default();
+    let lock = job
+        .lease_session
+        .map(|n| format!("launcher session {n}"))
+        .unwrap_or_default();
     let mut line = |k: &str, v: &str| {
         out.push_str(k);
         out.push(':');
@@ -24,7 +27,17 @@ pub fn job_block(job: &Job, parents: &[String], executed: &str, workdir: &str) -
     line("name", &s.name);
     line("description", &s.description);
     line("lock", &lock);
-    line("parents", &format!("[{}]", parents.iter().map(|p| format!("'{p}'")).collect::<Vec<_>>().join(", ")));
+    line(
+        "parents",
+        &format!(
+            "[{}]",
+            parents
+                .iter()
+                .map(|p| format!("'{p}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
     for f in [
         "input_files",
         "stage_in_url",
@@ -53,8 +66,18 @@ pub fn job_block(job: &Job, parents: &[String], executed: &str, workdir: &str) -
     line("max_restarts", &s.max_restarts.to_string());
     line("num_restarts", &job.num_restarts.to_string());
     line("state", job.state.as_str());
-    line("return_code", &job.return_code.map(|c| c.to_string()).unwrap_or_else(|| "None".into()));
-    line("queued_launch_id", &job.queued_launch_id.map(|c| c.to_string()).unwrap_or_else(|| "None".into()));
+    line(
+        "return_code",
+        &job.return_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "None".into()),
+    );
+    line(
+        "queued_launch_id",
+        &job.queued_launch_id
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "None".into()),
+    );
     line("data", &s.data.to_string());
     out.push_str(&format!("*** Executed command: {executed}\n"));
     out.push_str(&format!("*** Working directory: {workdir}\n"));
@@ -63,7 +86,9 @@ pub fn job_block(job: &Job, parents: &[String], executed: &str, workdir: &str) -
 
 /// The command a job runs: the application's executable, then the job's args.
 pub fn app_cmd(app: Option<&Application>, job: &Job) -> String {
-    let exe = app.map(|a| a.executable.as_str()).unwrap_or("<unknown application>");
+    let exe = app
+        .map(|a| a.executable.as_str())
+        .unwrap_or("<unknown application>");
     if job.spec.args.is_empty() {
         exe.to_string()
     } else {
@@ -82,7 +107,7 @@ pub fn app_block(app: &Application) -> String {
         ("Postprocess", &app.postprocess),
         ("Envscript", &app.envscript),
     ] {
-        out.push_str(&format!("{:<15}{}\n", format!("{k}:"), v).trim_end().to_string());
+        out.push_str(format!("{:<15}{}", format!("{k}:"), v).trim_end());
         out.push('\n');
     }
     out
@@ -98,7 +123,9 @@ pub fn table(out: &mut impl Write, header: &[String], rows: &[Vec<String>]) -> s
         writeln!(tw, "{}", cells.join("\t"))?;
     }
     tw.flush()?;
-    let bytes = tw.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bytes = tw
+        .into_inner()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     for line in String::from_utf8_lossy(&bytes).lines() {
         writeln!(out, "{}", line.trim_end())?;
     }

@@ -36,7 +36,9 @@ fn on_path(prog: &str) -> Option<PathBuf> {
         return Path::new(prog).is_file().then(|| PathBuf::from(prog));
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join(prog)).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
     })
 }
 
@@ -51,8 +53,8 @@ fn resolve_script(cmd: &str, what: &str) -> Result<String> {
     if first.ends_with(".py") {
         let abs = std::fs::canonicalize(first)
             .with_context(|| format!("{what} {first}: no such file"))?;
-        let python = on_path("python3")
-            .context("a .py application needs python3, which is not on PATH")?;
+        let python =
+            on_path("python3").context("a .py application needs python3, which is not on PATH")?;
         let mut out = vec![python.display().to_string(), abs.display().to_string()];
         out.extend(words[1..].iter().cloned());
         return Ok(shell_words::join(out));

@@ -110,13 +110,28 @@ impl JobFlags {
             ("application", self.application.clone()),
             ("description", self.description.clone()),
             ("args", self.args.clone()),
-            ("wall_time_minutes", self.wall_time_minutes.map(|v| v.to_string())),
+            (
+                "wall_time_minutes",
+                self.wall_time_minutes.map(|v| v.to_string()),
+            ),
             ("num_nodes", self.num_nodes.map(|v| v.to_string())),
-            ("coschedule_num_nodes", self.coschedule_num_nodes.map(|v| v.to_string())),
-            ("node_packing_count", self.node_packing_count.map(|v| v.to_string())),
+            (
+                "coschedule_num_nodes",
+                self.coschedule_num_nodes.map(|v| v.to_string()),
+            ),
+            (
+                "node_packing_count",
+                self.node_packing_count.map(|v| v.to_string()),
+            ),
             ("ranks_per_node", self.ranks_per_node.map(|v| v.to_string())),
-            ("threads_per_rank", self.threads_per_rank.map(|v| v.to_string())),
-            ("threads_per_core", self.threads_per_core.map(|v| v.to_string())),
+            (
+                "threads_per_rank",
+                self.threads_per_rank.map(|v| v.to_string()),
+            ),
+            (
+                "threads_per_core",
+                self.threads_per_core.map(|v| v.to_string()),
+            ),
             ("cpu_affinity", self.cpu_affinity.clone()),
             ("input_files", self.input_files.clone()),
             ("stage_in_url", self.url_in.clone()),
@@ -136,7 +151,12 @@ impl JobFlags {
                     bail!("bad value {kv:?} for --env: expected NAME=VALUE (one per --env; no ':' in values)");
                 }
             }
-            let mut all: Vec<String> = spec.environ_vars.split(':').filter(|s| !s.is_empty()).map(String::from).collect();
+            let mut all: Vec<String> = spec
+                .environ_vars
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
             all.extend(self.env.iter().cloned());
             set(spec, "environ_vars", &all.join(":"))?;
         }
@@ -185,7 +205,12 @@ pub struct JobArgs {
 /// Prints the block for a job about to be added (or just added).
 pub fn describe(store: &mut Store, job: &Job, parents: &[String]) -> String {
     let app = store.app(&job.spec.application).ok();
-    job_block(job, parents, &app_cmd(app.as_ref(), job), &job.workdir(&store.dir.root).display().to_string())
+    job_block(
+        job,
+        parents,
+        &app_cmd(app.as_ref(), job),
+        &job.workdir(&store.dir.root).display().to_string(),
+    )
 }
 
 /// A job as it will be stored, for the confirmation block before insertion.
@@ -219,43 +244,72 @@ pub fn run(ctx: &mut Ctx, a: &JobArgs) -> Result<()> {
     print!("{}", describe(&mut ctx.store, &job, &[]));
     let existing = ctx.store.count_in_workflow(&spec.workflow)?;
     if existing > 0 {
-        println!("*** The workflow {:?} already has {existing} jobs", spec.workflow);
+        println!(
+            "*** The workflow {:?} already has {existing} jobs",
+            spec.workflow
+        );
     }
     if !a.yes && !super::confirm("Confirm adding job to DB")? {
         bail!("not added: not confirmed (pass --yes to add without asking)");
     }
-    let added = ctx.store.add_job(&NewJob { job_id: Some(id), spec, parents: vec![] })?;
+    let added = ctx.store.add_job(&NewJob {
+        job_id: Some(id),
+        spec,
+        parents: vec![],
+    })?;
     tracing::info!(job = %added.job_id, name = %added.spec.name, "job added");
     println!("Added job to database");
     Ok(())
 }
 
 fn line_err(file: &Path, line: usize, e: StoreError) -> anyhow::Error {
-    StoreError::BadLine { file: file.display().to_string(), line, source: Box::new(e) }.into()
+    StoreError::BadLine {
+        file: file.display().to_string(),
+        line,
+        source: Box::new(e),
+    }
+    .into()
 }
 
 fn bad_field(field: &str, value: &str, expected: &str) -> StoreError {
-    StoreError::BadValue { field: field.into(), value: value.into(), expected: expected.into() }
+    StoreError::BadValue {
+        field: field.into(),
+        value: value.into(),
+        expected: expected.into(),
+    }
 }
 
 fn parse_json_line(text: &str, defaults: &JobSpec) -> Result<NewJob, StoreError> {
     let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| StoreError::Refused(format!("not a JSON object: {e}")))?;
     let serde_json::Value::Object(map) = v else {
-        return Err(StoreError::Refused("expected a JSON object, one job per line".into()));
+        return Err(StoreError::Refused(
+            "expected a JSON object, one job per line".into(),
+        ));
     };
-    let mut new = NewJob { job_id: None, spec: defaults.clone(), parents: vec![] };
+    let mut new = NewJob {
+        job_id: None,
+        spec: defaults.clone(),
+        parents: vec![],
+    };
     for (k, v) in &map {
         match k.as_str() {
             "job_id" => {
                 let s = v.as_str().unwrap_or_default();
-                new.job_id = Some(Uuid::parse_str(s).map_err(|_| bad_field("job_id", &v.to_string(), "a UUID"))?);
+                new.job_id = Some(
+                    Uuid::parse_str(s)
+                        .map_err(|_| bad_field("job_id", &v.to_string(), "a UUID"))?,
+                );
             }
             "parents" => {
-                let list = v.as_array().ok_or_else(|| bad_field("parents", &v.to_string(), "a list of job ids"))?;
+                let list = v
+                    .as_array()
+                    .ok_or_else(|| bad_field("parents", &v.to_string(), "a list of job ids"))?;
                 for p in list {
                     let s = p.as_str().unwrap_or_default();
-                    new.parents.push(Uuid::parse_str(s).map_err(|_| bad_field("parents", &p.to_string(), "full job ids (UUIDs)"))?);
+                    new.parents.push(Uuid::parse_str(s).map_err(|_| {
+                        bad_field("parents", &p.to_string(), "full job ids (UUIDs)")
+                    })?);
                 }
             }
             name => {
@@ -268,14 +322,26 @@ fn parse_json_line(text: &str, defaults: &JobSpec) -> Result<NewJob, StoreError>
     Ok(new)
 }
 
-fn parse_csv_record(header: &[String], rec: &csv::StringRecord, defaults: &JobSpec) -> Result<NewJob, StoreError> {
-    let mut new = NewJob { job_id: None, spec: defaults.clone(), parents: vec![] };
+fn parse_csv_record(
+    header: &[String],
+    rec: &csv::StringRecord,
+    defaults: &JobSpec,
+) -> Result<NewJob, StoreError> {
+    let mut new = NewJob {
+        job_id: None,
+        spec: defaults.clone(),
+        parents: vec![],
+    };
     for (k, v) in header.iter().zip(rec.iter()) {
         match k.as_str() {
-            "job_id" => new.job_id = Some(Uuid::parse_str(v).map_err(|_| bad_field("job_id", v, "a UUID"))?),
+            "job_id" => {
+                new.job_id = Some(Uuid::parse_str(v).map_err(|_| bad_field("job_id", v, "a UUID"))?)
+            }
             "parents" => {
                 for p in v.split([' ', ';']).filter(|s| !s.is_empty()) {
-                    new.parents.push(Uuid::parse_str(p).map_err(|_| bad_field("parents", p, "full job ids separated by spaces"))?);
+                    new.parents.push(Uuid::parse_str(p).map_err(|_| {
+                        bad_field("parents", p, "full job ids separated by spaces")
+                    })?);
                 }
             }
             name => {
@@ -292,10 +358,17 @@ fn parse_csv_record(header: &[String], rec: &csv::StringRecord, defaults: &JobSp
 }
 
 /// Streams the file's jobs to `sink` with their line numbers.
-fn each_job(file: &Path, csv_format: bool, defaults: &JobSpec, sink: &mut dyn FnMut(usize, NewJob) -> Result<()>) -> Result<()> {
+fn each_job(
+    file: &Path,
+    csv_format: bool,
+    defaults: &JobSpec,
+    sink: &mut dyn FnMut(usize, NewJob) -> Result<()>,
+) -> Result<()> {
     let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     if csv_format {
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(f));
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(BufReader::new(f));
         let header: Vec<String> = rdr
             .headers()
             .with_context(|| format!("{}: cannot read the CSV header", file.display()))?
@@ -309,8 +382,10 @@ fn each_job(file: &Path, csv_format: bool, defaults: &JobSpec, sink: &mut dyn Fn
         }
         for (i, rec) in rdr.records().enumerate() {
             let lineno = i + 2;
-            let rec = rec.map_err(|e| line_err(file, lineno, StoreError::Refused(e.to_string())))?;
-            let new = parse_csv_record(&header, &rec, defaults).map_err(|e| line_err(file, lineno, e))?;
+            let rec =
+                rec.map_err(|e| line_err(file, lineno, StoreError::Refused(e.to_string())))?;
+            let new =
+                parse_csv_record(&header, &rec, defaults).map_err(|e| line_err(file, lineno, e))?;
             sink(lineno, new)?;
         }
     } else {
@@ -330,7 +405,9 @@ fn each_job(file: &Path, csv_format: bool, defaults: &JobSpec, sink: &mut dyn Fn
 fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
     let csv_format = match a.format.as_deref() {
         Some(f) => f == "csv",
-        None => file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
+        None => file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv")),
     };
     let mut defaults = JobSpec::default();
     a.flags.apply(&mut defaults)?;
@@ -356,10 +433,14 @@ fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
         }
         if let Some(id) = new.job_id {
             if !ids_in_file.insert(id) {
-                return Err(fail(StoreError::Refused(format!("job_id {id} appears twice in the file"))));
+                return Err(fail(StoreError::Refused(format!(
+                    "job_id {id} appears twice in the file"
+                ))));
             }
             if store.job_by_id(&id).is_ok() {
-                return Err(fail(StoreError::Refused(format!("job_id {id} is already in the database"))));
+                return Err(fail(StoreError::Refused(format!(
+                    "job_id {id} is already in the database"
+                ))));
             }
         }
         count += 1;
@@ -368,8 +449,10 @@ fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
     // Pass 2: insert in batched transactions, with a progress bar on a terminal.
     let bar = indicatif::ProgressBar::new(count as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} jobs ({per_sec}, {eta} left)")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} jobs ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let batch = a.batch_size.max(1);
     let mut pending: Vec<NewJob> = Vec::with_capacity(batch.min(count.max(1)));

@@ -20,7 +20,11 @@ pub fn run(ctx: &mut Ctx, a: &KilljobArgs) -> Result<()> {
     let job = find_job(&mut ctx.store, &a.id)?;
     let killed = ctx.store.kill(job.pk, a.recursive)?;
     if killed.is_empty() {
-        println!("{} is already {}; nothing to kill", job.cute_id(), job.state);
+        println!(
+            "{} is already {}; nothing to kill",
+            job.cute_id(),
+            job.state
+        );
     }
     for k in &killed {
         tracing::info!(job = %k.job_id, "killed by user");

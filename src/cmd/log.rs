@@ -22,7 +22,12 @@ pub struct LogArgs {
 
 fn log_files(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -36,7 +41,11 @@ pub fn run(ctx: &mut Ctx, a: &LogArgs) -> Result<()> {
     for f in log_files(&dir) {
         let text = std::fs::read_to_string(&f).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         for l in &lines[lines.len().saturating_sub(a.lines)..] {
             writeln!(stdout.lock(), "{name}: {l}")?;
         }
@@ -49,7 +58,9 @@ pub fn run(ctx: &mut Ctx, a: &LogArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
         for f in log_files(&dir) {
             let start = *offsets.get(&f).unwrap_or(&0);
-            let Ok(mut file) = std::fs::File::open(&f) else { continue };
+            let Ok(mut file) = std::fs::File::open(&f) else {
+                continue;
+            };
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             let start = if len < start { 0 } else { start };
             if len == start {
@@ -58,7 +69,11 @@ pub fn run(ctx: &mut Ctx, a: &LogArgs) -> Result<()> {
             file.seek(SeekFrom::Start(start))?;
             let mut buf = String::new();
             file.read_to_string(&mut buf)?;
-            let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             for l in buf.lines() {
                 writeln!(stdout.lock(), "{name}: {l}")?;
             }

@@ -60,10 +60,20 @@ pub struct LsArgs {
 }
 
 const BASE_COLS: [&str; 5] = ["job_id", "name", "workflow", "application", "state"];
-const VERBOSE_COLS: [&str; 6] = ["num_nodes", "ranks_per_node", "wall_time_minutes", "return_code", "num_restarts", "launcher"];
+const VERBOSE_COLS: [&str; 6] = [
+    "num_nodes",
+    "ranks_per_node",
+    "wall_time_minutes",
+    "return_code",
+    "num_restarts",
+    "launcher",
+];
 
 fn limit() -> usize {
-    std::env::var("BALSAM_LS_LIMIT").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5000)
+    std::env::var("BALSAM_LS_LIMIT")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(5000)
 }
 
 fn columns(verbose: bool) -> Result<Vec<String>> {
@@ -75,7 +85,8 @@ fn columns(verbose: bool) -> Result<Vec<String>> {
         for f in extra.split(':').map(str::trim).filter(|f| !f.is_empty()) {
             if !cols.iter().any(|c| c == f) {
                 if cell(&sample_job(), f).is_none() {
-                    balsam_store::fields::field(f).map_err(|e| anyhow::anyhow!("BALSAM_LS_FIELDS: {e}"))?;
+                    balsam_store::fields::field(f)
+                        .map_err(|e| anyhow::anyhow!("BALSAM_LS_FIELDS: {e}"))?;
                 }
                 cols.push(f.to_string());
             }
@@ -94,14 +105,26 @@ fn cell(j: &Job, col: &str) -> Option<String> {
         "state" => j.state.to_string(),
         "return_code" => j.return_code.map(|c| c.to_string()).unwrap_or_default(),
         "num_restarts" => j.num_restarts.to_string(),
-        "launcher" | "lease_session" => j.lease_session.map(|s| format!("session {s}")).unwrap_or_default(),
-        "queued_launch_id" => j.queued_launch_id.map(|c| c.to_string()).unwrap_or_default(),
+        "launcher" | "lease_session" => j
+            .lease_session
+            .map(|s| format!("session {s}"))
+            .unwrap_or_default(),
+        "queued_launch_id" => j
+            .queued_launch_id
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
         other => get_text(&j.spec, other)?,
     })
 }
 
 fn job_rows(jobs: &[Job], cols: &[String]) -> Vec<Vec<String>> {
-    jobs.iter().map(|j| cols.iter().map(|c| cell(j, c).unwrap_or_default()).collect()).collect()
+    jobs.iter()
+        .map(|j| {
+            cols.iter()
+                .map(|c| cell(j, c).unwrap_or_default())
+                .collect()
+        })
+        .collect()
 }
 
 fn filter(a: &LsArgs) -> Result<JobFilter> {
@@ -115,7 +138,11 @@ fn filter(a: &LsArgs) -> Result<JobFilter> {
 
 fn json_job(store: &mut Store, j: &Job) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(j)?;
-    let parents: Vec<String> = store.parent_ids(j.pk)?.iter().map(|u| u.to_string()).collect();
+    let parents: Vec<String> = store
+        .parent_ids(j.pk)?
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
     v["parents"] = serde_json::json!(parents);
     v["workdir"] = serde_json::json!(j.workdir(&store.dir.root));
     Ok(v)
@@ -140,8 +167,14 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
         for j in &jobs {
             let mut v = json_job(store, j)?;
             if a.history {
-                let h: Vec<serde_json::Value> = store.history(j.pk)?.iter().map(|e| serde_json::json!({
-                    "time": format_time_us(e.time_us), "state": e.to_state, "message": e.message})).collect();
+                let h: Vec<serde_json::Value> = store
+                    .history(j.pk)?
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                    "time": format_time_us(e.time_us), "state": e.to_state, "message": e.message})
+                    })
+                    .collect();
                 v["history"] = serde_json::json!(h);
             }
             arr.push(v);
@@ -169,7 +202,13 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
     if a.by_states {
         for (state, n) in store.count_by_state(&f)? {
             writeln!(out, "{state} ({n} BalsamJobs)")?;
-            let (jobs, _) = store.list_jobs(&JobFilter { state: Some(state), ..f.clone() }, lim)?;
+            let (jobs, _) = store.list_jobs(
+                &JobFilter {
+                    state: Some(state),
+                    ..f.clone()
+                },
+                lim,
+            )?;
             table(&mut out, &cols, &job_rows(&jobs, &cols))?;
             more(&mut out, n, jobs.len())?;
             writeln!(out)?;
@@ -188,7 +227,11 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
 
 fn more(out: &mut impl Write, total: u64, shown: usize) -> Result<()> {
     if total > shown as u64 {
-        writeln!(out, "({} more BalsamJobs not shown...)", total - shown as u64)?;
+        writeln!(
+            out,
+            "({} more BalsamJobs not shown...)",
+            total - shown as u64
+        )?;
     }
     Ok(())
 }
@@ -208,10 +251,27 @@ fn tree(store: &mut Store, f: &JobFilter, lim: usize, out: &mut impl Write) -> R
     Ok(())
 }
 
-fn branch(store: &mut Store, j: &Job, depth: usize, out: &mut impl Write, printed: &mut HashSet<i64>) -> Result<()> {
-    let prefix = if depth == 0 { String::new() } else { format!("{}|--", "|  ".repeat(depth - 1)) };
+fn branch(
+    store: &mut Store,
+    j: &Job,
+    depth: usize,
+    out: &mut impl Write,
+    printed: &mut HashSet<i64>,
+) -> Result<()> {
+    let prefix = if depth == 0 {
+        String::new()
+    } else {
+        format!("{}|--", "|  ".repeat(depth - 1))
+    };
     let again = !printed.insert(j.pk);
-    writeln!(out, "{prefix}{} {} [{}]{}", j.spec.name, j.id8(), j.state, if again { " (see above)" } else { "" })?;
+    writeln!(
+        out,
+        "{prefix}{} {} [{}]{}",
+        j.spec.name,
+        j.id8(),
+        j.state,
+        if again { " (see above)" } else { "" }
+    )?;
     if again {
         return Ok(());
     }
@@ -234,8 +294,14 @@ fn list_apps(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
         }
         return Ok(());
     }
-    let header: Vec<String> = ["name", "executable", "description"].iter().map(|s| s.to_string()).collect();
-    let rows: Vec<Vec<String>> = apps.iter().map(|a| vec![a.name.clone(), a.executable.clone(), a.description.clone()]).collect();
+    let header: Vec<String> = ["name", "executable", "description"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let rows: Vec<Vec<String>> = apps
+        .iter()
+        .map(|a| vec![a.name.clone(), a.executable.clone(), a.description.clone()])
+        .collect();
     table(out, &header, &rows)?;
     Ok(())
 }
@@ -247,11 +313,19 @@ fn list_workflows(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()>
         writeln!(out)?;
         return Ok(());
     }
-    let header: Vec<String> = ["workflow", "jobs", "states"].iter().map(|s| s.to_string()).collect();
+    let header: Vec<String> = ["workflow", "jobs", "states"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let rows: Vec<Vec<String>> = wfs
         .iter()
         .map(|w| {
-            let states = w.by_state.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ");
+            let states = w
+                .by_state
+                .iter()
+                .map(|(s, n)| format!("{s}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             vec![w.workflow.clone(), w.total.to_string(), states]
         })
         .collect();
@@ -270,12 +344,37 @@ fn list_queues(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
         writeln!(out, "No queued launches")?;
         return Ok(());
     }
-    let header: Vec<String> = ["id", "scheduler_id", "queue", "project", "nodes", "wall_minutes", "job_mode", "wf_filter", "state", "reason"]
-        .iter().map(|s| s.to_string()).collect();
+    let header: Vec<String> = [
+        "id",
+        "scheduler_id",
+        "queue",
+        "project",
+        "nodes",
+        "wall_minutes",
+        "job_mode",
+        "wf_filter",
+        "state",
+        "reason",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let rows: Vec<Vec<String>> = launches
         .iter()
-        .map(|l| vec![l.id.to_string(), l.scheduler_id.clone(), l.queue.clone(), l.project.clone(), l.nodes.to_string(),
-            l.wall_minutes.to_string(), l.job_mode.clone(), l.wf_filter.clone(), l.state.clone(), l.reason.clone()])
+        .map(|l| {
+            vec![
+                l.id.to_string(),
+                l.scheduler_id.clone(),
+                l.queue.clone(),
+                l.project.clone(),
+                l.nodes.to_string(),
+                l.wall_minutes.to_string(),
+                l.job_mode.clone(),
+                l.wf_filter.clone(),
+                l.state.clone(),
+                l.reason.clone(),
+            ]
+        })
         .collect();
     table(out, &header, &rows)?;
     Ok(())

@@ -34,9 +34,16 @@ pub fn run(ctx: &mut Ctx, a: &MkchildArgs) -> Result<()> {
     spec.data = serde_json::json!({});
     a.flags.apply(&mut spec)?;
     let id = Uuid::new_v4();
-    let child = ctx.store.add_job(&NewJob { job_id: Some(id), spec, parents: vec![parent.job_id] })?;
+    let child = ctx.store.add_job(&NewJob {
+        job_id: Some(id),
+        spec,
+        parents: vec![parent.job_id],
+    })?;
     tracing::info!(job = %child.job_id, parent = %parent.job_id, "child job added");
-    print!("{}", describe(&mut ctx.store, &child, &[parent.job_id.to_string()]));
+    print!(
+        "{}",
+        describe(&mut ctx.store, &child, &[parent.job_id.to_string()])
+    );
     println!("Added child of {} to database", parent.cute_id());
     Ok(())
 }

@@ -33,7 +33,10 @@ impl Ctx {
     pub fn open(db: Option<&Path>) -> Result<Ctx> {
         let store = Store::locate(db)?;
         let guard = init_logging(&store.dir.log_dir());
-        Ok(Ctx { store, _log_guard: guard })
+        Ok(Ctx {
+            store,
+            _log_guard: guard,
+        })
     }
 }
 
@@ -76,14 +79,20 @@ pub fn confirm(question: &str) -> Result<bool> {
     std::io::stderr().flush().ok();
     let stdin = std::io::stdin();
     let mut line = String::new();
-    let n = stdin.lock().read_line(&mut line).context("cannot read the answer")?;
+    let n = stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the answer")?;
     if n == 0 {
         if !stdin.is_terminal() {
             eprintln!();
         }
         return Ok(false);
     }
-    Ok(matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
+    Ok(matches!(
+        line.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 /// Resolves a job id prefix.

@@ -47,7 +47,15 @@ pub fn run(ctx: &mut Ctx, a: &RmArgs) -> Result<()> {
                 bail!("applications are removed by --name or --all");
             }
             let names = a.name.clone().map(|n| vec![n]);
-            if !a.force && !super::confirm(&format!("Remove {}?", names.as_ref().map(|n| n[0].clone()).unwrap_or_else(|| "all applications".into())))? {
+            if !a.force
+                && !super::confirm(&format!(
+                    "Remove {}?",
+                    names
+                        .as_ref()
+                        .map(|n| n[0].clone())
+                        .unwrap_or_else(|| "all applications".into())
+                ))?
+            {
                 bail!("nothing removed: not confirmed (pass --force to remove without asking)");
             }
             let removed = ctx.store.remove_apps(names.as_deref(), a.force)?;
@@ -61,19 +69,33 @@ pub fn run(ctx: &mut Ctx, a: &RmArgs) -> Result<()> {
             if let Some(id) = &a.id {
                 let j = ctx.store.job(id)?;
                 if a.wf_filter.as_ref().is_some_and(|w| *w != j.spec.workflow) {
-                    bail!("job {} is not in workflow {:?}", j.cute_id(), a.wf_filter.as_deref().unwrap_or(""));
+                    bail!(
+                        "job {} is not in workflow {:?}",
+                        j.cute_id(),
+                        a.wf_filter.as_deref().unwrap_or("")
+                    );
                 }
                 pks.push(j.pk);
             } else {
-                let filter = JobFilter { name: a.name.clone(), workflow: a.wf_filter.clone(), ..JobFilter::default() };
+                let filter = JobFilter {
+                    name: a.name.clone(),
+                    workflow: a.wf_filter.clone(),
+                    ..JobFilter::default()
+                };
                 let (jobs, _) = ctx.store.list_jobs(&filter, usize::MAX >> 1)?;
-                pks.extend(jobs.iter().filter(|j| a.name.as_ref().is_none_or(|n| &j.spec.name == n)).map(|j| j.pk));
+                pks.extend(
+                    jobs.iter()
+                        .filter(|j| a.name.as_ref().is_none_or(|n| &j.spec.name == n))
+                        .map(|j| j.pk),
+                );
             }
             if pks.is_empty() {
                 println!("No jobs matched; nothing removed");
                 return Ok(());
             }
-            if !a.force && !super::confirm(&format!("Remove {} job(s) and their history?", pks.len()))? {
+            if !a.force
+                && !super::confirm(&format!("Remove {} job(s) and their history?", pks.len()))?
+            {
                 bail!("nothing removed: not confirmed (pass --force to remove without asking)");
             }
             let n = ctx.store.remove_jobs(&pks)?;

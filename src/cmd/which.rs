@@ -27,7 +27,11 @@ pub fn remember(root: &Path) {
     if let Some(dir) = file.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&file) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+    {
         let _ = writeln!(f, "{}", root.display());
     }
 }
@@ -36,7 +40,9 @@ pub fn remember(root: &Path) {
 pub fn run(db: Option<&Path>, a: &WhichArgs) -> Result<()> {
     if a.list {
         let mut seen: Vec<String> = Vec::new();
-        let text = known_file().and_then(|f| std::fs::read_to_string(f).ok()).unwrap_or_default();
+        let text = known_file()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             if !seen.iter().any(|s| s == line) && DbDir::open(Path::new(line)).is_ok() {
                 seen.push(line.to_string());

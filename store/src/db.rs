@@ -199,7 +199,9 @@ impl Store {
 
     /// The schema version in the file.
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction, retrying the whole transaction while

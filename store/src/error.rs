@@ -95,7 +95,9 @@ pub enum Error {
     #[error("{0}")]
     Refused(String),
     /// A dependency that would close a cycle.
-    #[error("adding {parent} -> {child} would make a cycle: {child} is already an ancestor of {parent}")]
+    #[error(
+        "adding {parent} -> {child} would make a cycle: {child} is already an ancestor of {parent}"
+    )]
     Cycle {
         /// Short parent id.
         parent: String,
@@ -103,7 +105,9 @@ pub enum Error {
         child: String,
     },
     /// The session was ended or expired; its leases are gone.
-    #[error("launcher session {0} has ended or expired; its jobs were released to other launchers")]
+    #[error(
+        "launcher session {0} has ended or expired; its jobs were released to other launchers"
+    )]
     SessionEnded(i64),
     /// The database holds something this code cannot read.
     #[error("database is corrupt: {0}")]

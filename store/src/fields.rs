@@ -48,32 +48,110 @@ pub struct Field {
 
 /// Every settable job field, in the order of the talk's confirmation block.
 pub const FIELDS: &[Field] = &[
-    Field { name: "workflow", kind: Kind::Text },
-    Field { name: "name", kind: Kind::Text },
-    Field { name: "description", kind: Kind::Text },
-    Field { name: "input_files", kind: Kind::Text },
-    Field { name: "stage_in_url", kind: Kind::Text },
-    Field { name: "stage_out_files", kind: Kind::Text },
-    Field { name: "stage_out_url", kind: Kind::Text },
-    Field { name: "wall_time_minutes", kind: Kind::Count },
-    Field { name: "num_nodes", kind: Kind::Positive },
-    Field { name: "coschedule_num_nodes", kind: Kind::Count },
-    Field { name: "ranks_per_node", kind: Kind::Positive },
-    Field { name: "cpu_affinity", kind: Kind::Affinity },
-    Field { name: "threads_per_rank", kind: Kind::Positive },
-    Field { name: "threads_per_core", kind: Kind::Positive },
-    Field { name: "node_packing_count", kind: Kind::Positive },
-    Field { name: "environ_vars", kind: Kind::Environ },
-    Field { name: "mpi_flags", kind: Kind::Text },
-    Field { name: "application", kind: Kind::Text },
-    Field { name: "args", kind: Kind::Text },
-    Field { name: "user_workdir", kind: Kind::Text },
-    Field { name: "wait_for_parents", kind: Kind::Bool },
-    Field { name: "post_error_handler", kind: Kind::Bool },
-    Field { name: "post_timeout_handler", kind: Kind::Bool },
-    Field { name: "auto_timeout_retry", kind: Kind::Bool },
-    Field { name: "max_restarts", kind: Kind::Count },
-    Field { name: "data", kind: Kind::Json },
+    Field {
+        name: "workflow",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "name",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "description",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "input_files",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "stage_in_url",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "stage_out_files",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "stage_out_url",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "wall_time_minutes",
+        kind: Kind::Count,
+    },
+    Field {
+        name: "num_nodes",
+        kind: Kind::Positive,
+    },
+    Field {
+        name: "coschedule_num_nodes",
+        kind: Kind::Count,
+    },
+    Field {
+        name: "ranks_per_node",
+        kind: Kind::Positive,
+    },
+    Field {
+        name: "cpu_affinity",
+        kind: Kind::Affinity,
+    },
+    Field {
+        name: "threads_per_rank",
+        kind: Kind::Positive,
+    },
+    Field {
+        name: "threads_per_core",
+        kind: Kind::Positive,
+    },
+    Field {
+        name: "node_packing_count",
+        kind: Kind::Positive,
+    },
+    Field {
+        name: "environ_vars",
+        kind: Kind::Environ,
+    },
+    Field {
+        name: "mpi_flags",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "application",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "args",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "user_workdir",
+        kind: Kind::Text,
+    },
+    Field {
+        name: "wait_for_parents",
+        kind: Kind::Bool,
+    },
+    Field {
+        name: "post_error_handler",
+        kind: Kind::Bool,
+    },
+    Field {
+        name: "post_timeout_handler",
+        kind: Kind::Bool,
+    },
+    Field {
+        name: "auto_timeout_retry",
+        kind: Kind::Bool,
+    },
+    Field {
+        name: "max_restarts",
+        kind: Kind::Count,
+    },
+    Field {
+        name: "data",
+        kind: Kind::Json,
+    },
 ];
 
 /// Names of the settable fields plus `state`, for error messages.
@@ -282,16 +360,28 @@ mod tests {
         assert_eq!(f.parse_str("false").unwrap(), Value::Bool(false));
         assert_eq!(f.parse_str("True").unwrap(), Value::Bool(true));
         let err = f.parse_str("maybe").unwrap_err().to_string();
-        assert!(err.contains("wait_for_parents") && err.contains("true or false"), "{err}");
+        assert!(
+            err.contains("wait_for_parents") && err.contains("true or false"),
+            "{err}"
+        );
     }
 
     #[test]
     fn counts_and_positives() {
-        assert_eq!(field("num_nodes").unwrap().parse_str("4").unwrap(), Value::Int(4));
+        assert_eq!(
+            field("num_nodes").unwrap().parse_str("4").unwrap(),
+            Value::Int(4)
+        );
         assert!(field("num_nodes").unwrap().parse_str("0").is_err());
         assert!(field("num_nodes").unwrap().parse_str("-1").is_err());
         assert!(field("num_nodes").unwrap().parse_str("two").is_err());
-        assert_eq!(field("coschedule_num_nodes").unwrap().parse_str("0").unwrap(), Value::Int(0));
+        assert_eq!(
+            field("coschedule_num_nodes")
+                .unwrap()
+                .parse_str("0")
+                .unwrap(),
+            Value::Int(0)
+        );
     }
 
     #[test]
@@ -310,7 +400,10 @@ mod tests {
     fn json_values_take_native_types() {
         let n = field("num_nodes").unwrap();
         assert_eq!(n.parse_json(&serde_json::json!(3)).unwrap(), Value::Int(3));
-        assert_eq!(n.parse_json(&serde_json::json!("3")).unwrap(), Value::Int(3));
+        assert_eq!(
+            n.parse_json(&serde_json::json!("3")).unwrap(),
+            Value::Int(3)
+        );
         assert!(n.parse_json(&serde_json::json!(-3)).is_err());
         assert!(n.parse_json(&serde_json::json!(true)).is_err());
         let env = field("environ_vars").unwrap();
@@ -331,7 +424,9 @@ mod tests {
         let mut spec = JobSpec::default();
         for f in FIELDS {
             let text = get_text(&spec, f.name).unwrap();
-            let v = f.parse_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.name));
+            let v = f
+                .parse_str(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.name));
             f.apply(&mut spec, v);
         }
         assert_eq!(spec, JobSpec::default());

@@ -104,13 +104,17 @@ pub struct WorkflowSummary {
 
 /// Where the ids of a prefix lie, as a range of 16-byte keys.
 fn prefix_range(prefix: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-    let hex: String = prefix.chars().filter(|c| *c != '-').collect::<String>().to_lowercase();
+    let hex: String = prefix
+        .chars()
+        .filter(|c| *c != '-')
+        .collect::<String>()
+        .to_lowercase();
     if hex.is_empty() || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(Error::UnknownJob(prefix.to_string()));
     }
     let pad = |c: char| {
         let mut s = hex.clone();
-        s.extend(std::iter::repeat(c).take(32 - hex.len()));
+        s.extend(std::iter::repeat_n(c, 32 - hex.len()));
         Uuid::parse_str(&s).map(|u| u.as_bytes().to_vec())
     };
     let lo = pad('0').map_err(|_| Error::UnknownJob(prefix.to_string()))?;
@@ -311,8 +315,11 @@ impl Store {
     /// All applications, by id.
     pub fn apps(&mut self) -> Result<Vec<Application>> {
         self.read(|tx| {
-            let mut stmt = tx.prepare_cached(&format!("SELECT {APP_COLS} FROM applications ORDER BY id"))?;
-            let apps = stmt.query_map([], app_from_row)?.collect::<rusqlite::Result<_>>()?;
+            let mut stmt =
+                tx.prepare_cached(&format!("SELECT {APP_COLS} FROM applications ORDER BY id"))?;
+            let apps = stmt
+                .query_map([], app_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(apps)
         })
     }
@@ -320,10 +327,12 @@ impl Store {
     /// The application of this name.
     pub fn app(&mut self, name: &str) -> Result<Application> {
         self.read(|tx| {
-            tx.prepare_cached(&format!("SELECT {APP_COLS} FROM applications WHERE name = ?1"))?
-                .query_row([name], app_from_row)
-                .optional()?
-                .ok_or_else(|| Error::UnknownApp(name.to_string()))
+            tx.prepare_cached(&format!(
+                "SELECT {APP_COLS} FROM applications WHERE name = ?1"
+            ))?
+            .query_row([name], app_from_row)
+            .optional()?
+            .ok_or_else(|| Error::UnknownApp(name.to_string()))
         })
     }
 
@@ -384,7 +393,11 @@ impl Store {
         for (i, j) in jobs.iter().enumerate() {
             let id = j.job_id.unwrap_or_else(Uuid::new_v4);
             if !ids_here.insert(id) {
-                return Err(batch_err(jobs.len(), i, Error::Refused(format!("job_id {id} appears twice"))));
+                return Err(batch_err(
+                    jobs.len(),
+                    i,
+                    Error::Refused(format!("job_id {id} appears twice")),
+                ));
             }
             ids.push(id);
         }
@@ -392,14 +405,22 @@ impl Store {
             check_apps(tx, jobs.iter().map(|j| j.spec.application.as_str()))?;
             for (i, (j, id)) in jobs.iter().zip(&ids).enumerate() {
                 if j.job_id.is_some() && pk_of(tx, id)?.is_some() {
-                    return Err(batch_err(jobs.len(), i, Error::Refused(format!("job_id {id} is already in the database"))));
+                    return Err(batch_err(
+                        jobs.len(),
+                        i,
+                        Error::Refused(format!("job_id {id} is already in the database")),
+                    ));
                 }
                 for p in &j.parents {
                     let earlier = ids[..i].contains(p);
                     if !earlier && pk_of(tx, p)?.is_none() {
-                        return Err(batch_err(jobs.len(), i, Error::Refused(format!(
-                            "parent {p} is neither in the database nor earlier in the file"
-                        ))));
+                        return Err(batch_err(
+                            jobs.len(),
+                            i,
+                            Error::Refused(format!(
+                                "parent {p} is neither in the database nor earlier in the file"
+                            )),
+                        ));
                     }
                 }
             }
@@ -633,7 +654,8 @@ impl Store {
             let job = get_job(tx, pk)?;
             if job.state == State::UserKilled {
                 return Err(Error::Refused(format!(
-                    "{} is USER_KILLED and cannot be modified; add a new job instead", job.cute_id()
+                    "{} is USER_KILLED and cannot be modified; add a new job instead",
+                    job.cute_id()
                 )));
             }
             let mut spec = job.spec.clone();
@@ -649,7 +671,10 @@ impl Store {
                 Value::Json(j) => j.to_string().into(),
             };
             // `field.name` comes from the fixed field table, never from the user's text.
-            tx.execute(&format!("UPDATE jobs SET {} = ?1 WHERE pk = ?2", field.name), params![sql_value, pk])?;
+            tx.execute(
+                &format!("UPDATE jobs SET {} = ?1 WHERE pk = ?2", field.name),
+                params![sql_value, pk],
+            )?;
             get_job(tx, pk)
         })
     }
@@ -662,7 +687,9 @@ impl Store {
             {
                 let mut kids = tx.prepare_cached("SELECT child FROM deps WHERE parent = ?1")?;
                 for pk in pks {
-                    let k: Vec<i64> = kids.query_map([pk], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                    let k: Vec<i64> = kids
+                        .query_map([pk], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()?;
                     orphans.extend(k);
                 }
             }
@@ -715,6 +742,10 @@ fn batch_err(total: usize, index: usize, e: Error) -> Error {
     if total == 1 {
         e
     } else {
-        Error::BadLine { file: "(jobs)".into(), line: index + 1, source: Box::new(e) }
+        Error::BadLine {
+            file: "(jobs)".into(),
+            line: index + 1,
+            source: Box::new(e),
+        }
     }
 }

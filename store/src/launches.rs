@@ -33,7 +33,8 @@ fn launch_from_row(r: &rusqlite::Row) -> rusqlite::Result<QueuedLaunch> {
 }
 
 /// Launch states that still hold or wait for nodes.
-pub const ACTIVE_LAUNCH_STATES: [&str; 5] = ["creating", "submitted", "queued", "running", "exiting"];
+pub const ACTIVE_LAUNCH_STATES: [&str; 5] =
+    ["creating", "submitted", "queued", "running", "exiting"];
 
 impl Store {
     /// Records a launch (state `creating` until the scheduler accepts it); returns it with its id.
@@ -74,8 +75,14 @@ impl Store {
     /// Launches, newest last; only those still queued or running with `active_only`.
     pub fn launches(&mut self, active_only: bool) -> Result<Vec<QueuedLaunch>> {
         let sql = if active_only {
-            let states: Vec<String> = ACTIVE_LAUNCH_STATES.iter().map(|s| format!("'{s}'")).collect();
-            format!("SELECT {LAUNCH_COLS} FROM launches WHERE state IN ({}) ORDER BY id", states.join(","))
+            let states: Vec<String> = ACTIVE_LAUNCH_STATES
+                .iter()
+                .map(|s| format!("'{s}'"))
+                .collect();
+            format!(
+                "SELECT {LAUNCH_COLS} FROM launches WHERE state IN ({}) ORDER BY id",
+                states.join(",")
+            )
         } else {
             format!("SELECT {LAUNCH_COLS} FROM launches ORDER BY id")
         };

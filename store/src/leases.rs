@@ -71,7 +71,9 @@ const SESSION_COLS: &str =
 
 fn live_session(tx: &Transaction, id: i64) -> Result<Session> {
     let s = tx
-        .prepare_cached(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"
+        ))?
         .query_row([id], session_from_row)
         .optional()?
         .ok_or_else(|| Error::Refused(format!("launcher session {id} does not exist")))?;
@@ -95,16 +97,26 @@ fn end_session_tx(tx: &Transaction, s: &Session, expired: bool) -> Result<(usize
             format_time_us(s.heartbeat_us)
         )
     } else {
-        format!("launcher session {} ({}:{}) ended while it ran", s.id, s.host, s.pid)
+        format!(
+            "launcher session {} ({}:{}) ended while it ran",
+            s.id, s.host, s.pid
+        )
     };
     for pk in &running {
-        apply_one(tx, &Transition::new(*pk, State::Running, State::RestartReady, msg.clone()), None)?;
+        apply_one(
+            tx,
+            &Transition::new(*pk, State::Running, State::RestartReady, msg.clone()),
+            None,
+        )?;
     }
     let released = tx.execute(
         "UPDATE jobs SET lease_session = NULL WHERE lease_session = ?1",
         [s.id],
     )?;
-    tx.execute("UPDATE sessions SET ended_us = ?1 WHERE id = ?2", params![now_us(), s.id])?;
+    tx.execute(
+        "UPDATE sessions SET ended_us = ?1 WHERE id = ?2",
+        params![now_us(), s.id],
+    )?;
     Ok((running.len(), released.saturating_sub(running.len())))
 }
 
@@ -127,7 +139,10 @@ impl Store {
     pub fn heartbeat(&mut self, session: i64) -> Result<()> {
         self.write(|tx| {
             live_session(tx, session)?;
-            tx.execute("UPDATE sessions SET heartbeat_us = ?1 WHERE id = ?2", params![now_us(), session])?;
+            tx.execute(
+                "UPDATE sessions SET heartbeat_us = ?1 WHERE id = ?2",
+                params![now_us(), session],
+            )?;
             Ok(())
         })
     }
@@ -141,7 +156,10 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Job>> {
         let states: Vec<String> = match group {
-            LeaseGroup::Runnable => RUNNABLE_STATES.iter().map(|s| s.code().to_string()).collect(),
+            LeaseGroup::Runnable => RUNNABLE_STATES
+                .iter()
+                .map(|s| s.code().to_string())
+                .collect(),
             LeaseGroup::Processable => PROCESSABLE_STATES
                 .iter()
                 .filter(|s| **s != State::AwaitingParents)
@@ -175,8 +193,11 @@ impl Store {
                 stmt.query_map(params![session, limit as i64], job_from_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?
             } else {
-                stmt.query_map(params![session, limit as i64, filter.wf_filter], job_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?
+                stmt.query_map(
+                    params![session, limit as i64, filter.wf_filter],
+                    job_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?
             };
             Ok(rows)
         })
@@ -239,7 +260,9 @@ impl Store {
     pub fn leased_jobs(&mut self, session: i64) -> Result<Vec<Job>> {
         self.read(|tx| {
             Ok(tx
-                .prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE lease_session = ?1 ORDER BY pk"))?
+                .prepare_cached(&format!(
+                    "SELECT {JOB_COLS} FROM jobs WHERE lease_session = ?1 ORDER BY pk"
+                ))?
                 .query_map([session], job_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
         })
@@ -248,10 +271,12 @@ impl Store {
     /// A session by id.
     pub fn session(&mut self, id: i64) -> Result<Session> {
         self.read(|tx| {
-            tx.prepare_cached(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"))?
-                .query_row([id], session_from_row)
-                .optional()?
-                .ok_or_else(|| Error::Refused(format!("launcher session {id} does not exist")))
+            tx.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"
+            ))?
+            .query_row([id], session_from_row)
+            .optional()?
+            .ok_or_else(|| Error::Refused(format!("launcher session {id} does not exist")))
         })
     }
 
@@ -259,7 +284,9 @@ impl Store {
     pub fn live_sessions(&mut self) -> Result<Vec<Session>> {
         self.read(|tx| {
             Ok(tx
-                .prepare_cached(&format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_us IS NULL ORDER BY id"))?
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE ended_us IS NULL ORDER BY id"
+                ))?
                 .query_map([], session_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
         })
@@ -268,7 +295,10 @@ impl Store {
     /// Whether any job is runnable or processable for a workflow filter (a launcher without
     /// `--persistent` exits when none is, and none runs).
     pub fn has_work(&mut self, wf_filter: &str) -> Result<bool> {
-        let mut states: Vec<String> = RUNNABLE_STATES.iter().map(|s| s.code().to_string()).collect();
+        let mut states: Vec<String> = RUNNABLE_STATES
+            .iter()
+            .map(|s| s.code().to_string())
+            .collect();
         states.extend(PROCESSABLE_STATES.iter().map(|s| s.code().to_string()));
         states.push(State::Running.code().to_string());
         let mut sql = format!("SELECT 1 FROM jobs WHERE state IN ({})", states.join(","));
@@ -278,7 +308,11 @@ impl Store {
         sql.push_str(" LIMIT 1");
         self.read(|tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
-            Ok(if wf_filter.is_empty() { stmt.exists([])? } else { stmt.exists([wf_filter])? })
+            Ok(if wf_filter.is_empty() {
+                stmt.exists([])?
+            } else {
+                stmt.exists([wf_filter])?
+            })
         })
     }
 }

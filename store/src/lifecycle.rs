@@ -28,7 +28,13 @@ pub struct Transition {
 impl Transition {
     /// A change with a message.
     pub fn new(pk: i64, from: State, to: State, message: impl Into<String>) -> Transition {
-        Transition { pk, from, to, message: message.into(), return_code: None }
+        Transition {
+            pk,
+            from,
+            to,
+            message: message.into(),
+            return_code: None,
+        }
     }
 
     /// Records an exit code with the change.
@@ -97,7 +103,11 @@ pub(crate) fn apply_one(tx: &Transaction, t: &Transition, session: Option<i64>) 
 /// Moves a CREATED or AWAITING_PARENTS job on according to its parents (legacy §2):
 /// READY when it has none, does not wait, or all are JOB_FINISHED; FAILED when one is FAILED or
 /// USER_KILLED; else AWAITING_PARENTS. Returns the new state, if it changed.
-pub(crate) fn resolve_parents(tx: &Transaction, pk: i64, only_awaiting: bool) -> Result<Option<State>> {
+pub(crate) fn resolve_parents(
+    tx: &Transaction,
+    pk: i64,
+    only_awaiting: bool,
+) -> Result<Option<State>> {
     let job = get_job(tx, pk)?;
     let eligible = match job.state {
         State::AwaitingParents => true,
@@ -121,7 +131,9 @@ pub(crate) fn resolve_parents(tx: &Transaction, pk: i64, only_awaiting: bool) ->
         for (name, code, id) in &parents {
             let s = State::from_code(*code)?;
             if matches!(s, State::Failed | State::UserKilled) {
-                let id8 = uuid::Uuid::from_slice(id).map(|u| u.to_string()[..8].to_string()).unwrap_or_default();
+                let id8 = uuid::Uuid::from_slice(id)
+                    .map(|u| u.to_string()[..8].to_string())
+                    .unwrap_or_default();
                 failed = Some(format!("parent [{name} | {id8}] is {s}"));
                 break;
             }
@@ -131,8 +143,14 @@ pub(crate) fn resolve_parents(tx: &Transaction, pk: i64, only_awaiting: bool) ->
         }
         match failed {
             Some(m) => (State::Failed, m),
-            None if pending == 0 => (State::Ready, format!("all {} parents finished", parents.len())),
-            None => (State::AwaitingParents, format!("waiting for {pending} of {} parents", parents.len())),
+            None if pending == 0 => (
+                State::Ready,
+                format!("all {} parents finished", parents.len()),
+            ),
+            None => (
+                State::AwaitingParents,
+                format!("waiting for {pending} of {} parents", parents.len()),
+            ),
         }
     };
     if to == job.state {
@@ -187,7 +205,10 @@ impl Store {
             if !note.is_empty() {
                 msg = format!("{msg}: {note}");
             }
-            tx.execute("UPDATE jobs SET state = ?1 WHERE pk = ?2", params![to.code(), pk])?;
+            tx.execute(
+                "UPDATE jobs SET state = ?1 WHERE pk = ?2",
+                params![to.code(), pk],
+            )?;
             insert_event(tx, pk, Some(job.state), to, &msg)?;
             if to.is_end() {
                 resolve_children(tx, pk)?;
@@ -207,7 +228,9 @@ impl Store {
                 let mut kids = tx.prepare_cached("SELECT child FROM deps WHERE parent = ?1")?;
                 let mut i = 0;
                 while i < order.len() {
-                    let next: Vec<i64> = kids.query_map([order[i]], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                    let next: Vec<i64> = kids
+                        .query_map([order[i]], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()?;
                     for n in next {
                         if !order.contains(&n) {
                             order.push(n);
@@ -223,8 +246,17 @@ impl Store {
                     continue;
                 }
                 // The lease stays, so the launcher running the job finds it and kills the process.
-                tx.execute("UPDATE jobs SET state = ?1 WHERE pk = ?2", params![State::UserKilled.code(), p])?;
-                insert_event(tx, p, Some(job.state), State::UserKilled, "Killed by user (balsam killjob)")?;
+                tx.execute(
+                    "UPDATE jobs SET state = ?1 WHERE pk = ?2",
+                    params![State::UserKilled.code(), p],
+                )?;
+                insert_event(
+                    tx,
+                    p,
+                    Some(job.state),
+                    State::UserKilled,
+                    "Killed by user (balsam killjob)",
+                )?;
                 resolve_children(tx, p)?;
                 killed.push(get_job(tx, p)?);
             }

@@ -147,10 +147,11 @@ impl Job {
         } else {
             &self.spec.workflow
         };
-        db_dir
-            .join("data")
-            .join(sanitize(wf))
-            .join(format!("{}_{}", sanitize(&self.spec.name), self.id8()))
+        db_dir.join("data").join(sanitize(wf)).join(format!(
+            "{}_{}",
+            sanitize(&self.spec.name),
+            self.id8()
+        ))
     }
 
     /// MPI ranks in all: num_nodes × ranks_per_node.

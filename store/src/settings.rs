@@ -125,14 +125,21 @@ impl Settings {
             return Err(err("(file)", "expected a JSON object of KEY: value".into()));
         };
         let mut s = Settings::default();
-        let r = Reader { map: &map, err: &err };
+        let r = Reader {
+            map: &map,
+            err: &err,
+        };
         if let Some(v) = r.string("SCHEDULER_CLASS")? {
             if !SCHEDULERS.iter().any(|k| {
-                k.eq_ignore_ascii_case(&v) || k.trim_end_matches("Scheduler").eq_ignore_ascii_case(&v)
+                k.eq_ignore_ascii_case(&v)
+                    || k.trim_end_matches("Scheduler").eq_ignore_ascii_case(&v)
             }) {
                 return Err(err(
                     "SCHEDULER_CLASS",
-                    format!("{v:?} is not a scheduler; expected one of {}", SCHEDULERS.join(", ")),
+                    format!(
+                        "{v:?} is not a scheduler; expected one of {}",
+                        SCHEDULERS.join(", ")
+                    ),
                 ));
             }
             s.scheduler_class = v;
@@ -274,8 +281,13 @@ mod tests {
         let e = Settings::parse(Path::new("s.json"), r#"{"SCHEDULER_CLASS": "Torque"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("SCHEDULER_CLASS") && e.contains("CobaltScheduler"), "{e}");
-        let e = Settings::parse(Path::new("s.json"), "{oops").unwrap_err().to_string();
+        assert!(
+            e.contains("SCHEDULER_CLASS") && e.contains("CobaltScheduler"),
+            "{e}"
+        );
+        let e = Settings::parse(Path::new("s.json"), "{oops")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not valid JSON"), "{e}");
     }
 }

@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn serializes_as_the_names_users_type() {
         for s in ALL_STATES {
-            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
         }
     }
 
@@ -247,8 +250,17 @@ mod tests {
     fn groups_match_legacy() {
         assert_eq!(PROCESSABLE_STATES.len(), 8);
         for s in ALL_STATES {
-            let groups = [s.is_processable(), s.is_runnable(), s.is_active(), s.is_end()];
-            assert_eq!(groups.iter().filter(|g| **g).count(), 1, "{s} in exactly one group");
+            let groups = [
+                s.is_processable(),
+                s.is_runnable(),
+                s.is_active(),
+                s.is_end(),
+            ];
+            assert_eq!(
+                groups.iter().filter(|g| **g).count(),
+                1,
+                "{s} in exactly one group"
+            );
         }
     }
 
@@ -257,7 +269,10 @@ mod tests {
         assert_eq!("run_done".parse::<State>().unwrap(), State::RunDone);
         let err = "DONE".parse::<State>().unwrap_err().to_string();
         assert!(err.contains("DONE"), "{err}");
-        assert!(err.contains("JOB_FINISHED") && err.contains("RESTART_READY"), "{err}");
+        assert!(
+            err.contains("JOB_FINISHED") && err.contains("RESTART_READY"),
+            "{err}"
+        );
     }
 
     #[test]

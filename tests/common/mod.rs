@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Default bound for one command.
@@ -18,7 +18,11 @@ pub fn balsam_bin() -> PathBuf {
 /// whole workspace first).
 pub fn sibling_bin(name: &str) -> PathBuf {
     let p = balsam_bin().with_file_name(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -42,7 +46,13 @@ impl Run {
     /// Asserts success and returns stdout.
     #[track_caller]
     pub fn ok(&self) -> &str {
-        assert_eq!(self.code, Some(0), "command failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code,
+            Some(0),
+            "command failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
         &self.stdout
     }
 
@@ -64,11 +74,22 @@ impl Run {
 pub fn run_cmd(mut cmd: Command, timeout: Duration, stdin: Option<&str>) -> Run {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().expect("spawn");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     let pid = child.id() as i32;
     let out_thread = {
@@ -104,7 +125,11 @@ pub fn run_cmd(mut cmd: Command, timeout: Duration, stdin: Option<&str>) -> Run 
     if status.is_none() {
         stderr.push_str(&format!("\n[test fixture: killed after {timeout:?}]"));
     }
-    Run { code: status.and_then(|s| s.code()), stdout, stderr }
+    Run {
+        code: status.and_then(|s| s.code()),
+        stdout,
+        stderr,
+    }
 }
 
 /// A fresh database in a temporary directory.
@@ -136,7 +161,9 @@ impl Db {
     /// A `balsam` command against this database.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(balsam_bin());
-        c.args(args).env("BALSAM_DB_PATH", &self.path).current_dir(self.tmp.path());
+        c.args(args)
+            .env("BALSAM_DB_PATH", &self.path)
+            .current_dir(self.tmp.path());
         c
     }
 
@@ -152,12 +179,22 @@ impl Db {
 
     /// Registers the talk's `say-hello` application.
     pub fn hello_app(&self) {
-        self.run(&["app", "--name", "say-hello", "--executable", "echo Hello,"]).ok();
+        self.run(&["app", "--name", "say-hello", "--executable", "echo Hello,"])
+            .ok();
     }
 
     /// Adds a job and returns its id (parsed from `ls --json`).
     pub fn add_job(&self, name: &str, wf: &str, app: &str, extra: &[&str]) -> String {
-        let mut args = vec!["job", "--name", name, "--workflow", wf, "--app", app, "--yes"];
+        let mut args = vec![
+            "job",
+            "--name",
+            name,
+            "--workflow",
+            wf,
+            "--app",
+            app,
+            "--yes",
+        ];
         args.extend_from_slice(extra);
         self.run(&args).ok();
         self.job_id(name)
@@ -182,7 +219,10 @@ impl Db {
     /// The state of the job with this name.
     pub fn state_of(&self, name: &str) -> String {
         let jobs = self.jobs_json(&["--name", name]);
-        jobs.iter().find(|j| j["name"] == name).unwrap()["state"].as_str().unwrap().to_string()
+        jobs.iter().find(|j| j["name"] == name).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// The database directory.

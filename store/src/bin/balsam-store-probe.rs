@@ -25,11 +25,13 @@ fn main() -> ExitCode {
 }
 
 fn num(s: Option<&String>, what: &str) -> Result<usize, String> {
-    s.and_then(|v| v.parse().ok()).ok_or_else(|| format!("expected a number for {what}"))
+    s.and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("expected a number for {what}"))
 }
 
 fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: balsam-store-probe prepare DB N | lease DB BATCH ROUNDS [--finish] [--print]";
+    let usage =
+        "usage: balsam-store-probe prepare DB N | lease DB BATCH ROUNDS [--finish] [--print]";
     let cmd = args.get(1).ok_or(usage)?;
     let db = args.get(2).ok_or(usage)?;
     let mut store = Store::locate(Some(std::path::Path::new(db))).map_err(|e| e.to_string())?;
@@ -47,13 +49,24 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut left = num(args.get(3), "N")?;
             let t0 = Instant::now();
             while left > 0 {
-                let jobs = store.lease(session, LeaseGroup::Processable, &LeaseFilter::default(), left.min(20_000)).map_err(e)?;
+                let jobs = store
+                    .lease(
+                        session,
+                        LeaseGroup::Processable,
+                        &LeaseFilter::default(),
+                        left.min(20_000),
+                    )
+                    .map_err(e)?;
                 if jobs.is_empty() {
                     break;
                 }
                 let mut ts = Vec::with_capacity(jobs.len() * 3);
                 for j in &jobs {
-                    for (a, b) in [(State::Created, State::Ready), (State::Ready, State::StagedIn), (State::StagedIn, State::Preprocessed)] {
+                    for (a, b) in [
+                        (State::Created, State::Ready),
+                        (State::Ready, State::StagedIn),
+                        (State::StagedIn, State::Preprocessed),
+                    ] {
                         ts.push(Transition::new(j.pk, a, b, ""));
                     }
                 }
@@ -72,7 +85,14 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut times = Vec::new();
             for _ in 0..rounds {
                 let t0 = Instant::now();
-                let jobs = store.lease(session, LeaseGroup::Runnable, &LeaseFilter::default(), batch).map_err(e)?;
+                let jobs = store
+                    .lease(
+                        session,
+                        LeaseGroup::Runnable,
+                        &LeaseFilter::default(),
+                        batch,
+                    )
+                    .map_err(e)?;
                 times.push(t0.elapsed().as_secs_f64() * 1000.0);
                 if jobs.is_empty() {
                     break;
@@ -80,8 +100,15 @@ fn run(args: &[String]) -> Result<(), String> {
                 if finish {
                     let mut ts = Vec::with_capacity(jobs.len() * 2);
                     for j in &jobs {
-                        ts.push(Transition::new(j.pk, j.state, State::Running, format!("probe {}", std::process::id())));
-                        ts.push(Transition::new(j.pk, State::Running, State::RunDone, "").with_code(0));
+                        ts.push(Transition::new(
+                            j.pk,
+                            j.state,
+                            State::Running,
+                            format!("probe {}", std::process::id()),
+                        ));
+                        ts.push(
+                            Transition::new(j.pk, State::Running, State::RunDone, "").with_code(0),
+                        );
                     }
                     store.apply(&ts, Some(session)).map_err(e)?;
                 }
@@ -94,7 +121,10 @@ fn run(args: &[String]) -> Result<(), String> {
             let n = times.len().max(1) as f64;
             let mean = times.iter().sum::<f64>() / n;
             let max = times.iter().cloned().fold(0.0, f64::max);
-            eprintln!("lease of {batch}: {} rounds, mean {mean:.2} ms, max {max:.2} ms", times.len());
+            eprintln!(
+                "lease of {batch}: {} rounds, mean {mean:.2} ms, max {max:.2} ms",
+                times.len()
+            );
         }
         _ => return Err(usage.into()),
     }
