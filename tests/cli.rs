@@ -602,12 +602,25 @@ fn two_processes_lease_from_one_database_without_overlap() {
         None,
     )
     .ok();
+    let go = db.tmp.path().join("go");
     let spawn = || {
         let mut c = Command::new(&probe);
-        c.args(["lease", p, "20", "1000", "--finish", "--print"]);
+        c.args([
+            "lease",
+            p,
+            "20",
+            "1000",
+            "--finish",
+            "--print",
+            "--wait-for",
+            go.to_str().unwrap(),
+        ]);
         std::thread::spawn(move || run_cmd(c, TIMEOUT, None))
     };
     let (t1, t2) = (spawn(), spawn());
+    // Both probes are started and waiting: let them go at once.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::write(&go, "").unwrap();
     let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
     let a: Vec<&str> = r1.ok().lines().collect();
     let b: Vec<&str> = r2.ok().lines().collect();

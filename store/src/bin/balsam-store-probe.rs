@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! balsam-store-probe prepare DB N            # move N CREATED jobs to PREPROCESSED (runnable)
-//! balsam-store-probe lease DB BATCH ROUNDS [--finish] [--print]
+//! balsam-store-probe lease DB BATCH ROUNDS [--finish] [--print] [--wait-for FILE]
 //!     # lease BATCH runnable jobs per round; --finish runs each through RUNNING to RUN_DONE;
 //!     # --print writes every leased job id to stdout; timings go to stderr
 //! ```
@@ -82,6 +82,17 @@ fn run(args: &[String]) -> Result<(), String> {
             let rounds = num(args.get(4), "ROUNDS")?;
             let finish = args.iter().any(|a| a == "--finish");
             let print = args.iter().any(|a| a == "--print");
+            // `--wait-for FILE`: start only once FILE exists, so concurrent probes really overlap.
+            if let Some(i) = args.iter().position(|a| a == "--wait-for") {
+                let file = args.get(i + 1).ok_or("--wait-for needs a file")?;
+                let t0 = Instant::now();
+                while !std::path::Path::new(file).exists() {
+                    if t0.elapsed().as_secs() > 60 {
+                        return Err(format!("{file} did not appear within 60 s"));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
             let mut times = Vec::new();
             for _ in 0..rounds {
                 let t0 = Instant::now();
