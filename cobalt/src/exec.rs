@@ -113,7 +113,18 @@ impl<'a> Run<'a> {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
+        // "Text file busy": a script just written is still open for writing in a process forked
+        // meanwhile by another thread; that descriptor closes at its exec, so try again shortly.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.map_err(|e| self.spawn_error(e))?,
+            }
+        };
         let pid = child.id() as libc::pid_t;
 
         let (done_tx, done_rx) = mpsc::channel();
