@@ -603,7 +603,8 @@ fn two_processes_lease_from_one_database_without_overlap() {
     )
     .ok();
     let go = db.tmp.path().join("go");
-    let spawn = || {
+    let spawn = |ready: &str| {
+        let ready = db.tmp.path().join(ready);
         let mut c = Command::new(&probe);
         c.args([
             "lease",
@@ -612,14 +613,22 @@ fn two_processes_lease_from_one_database_without_overlap() {
             "1000",
             "--finish",
             "--print",
+            "--pause-ms",
+            "5",
+            "--ready",
+            ready.to_str().unwrap(),
             "--wait-for",
             go.to_str().unwrap(),
         ]);
-        std::thread::spawn(move || run_cmd(c, TIMEOUT, None))
+        (ready, std::thread::spawn(move || run_cmd(c, TIMEOUT, None)))
     };
-    let (t1, t2) = (spawn(), spawn());
-    // Both probes are started and waiting: let them go at once.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ((ready1, t1), (ready2, t2)) = (spawn("ready1"), spawn("ready2"));
+    // A real barrier: wait until both probes are started and waiting, then let them go at once.
+    let t0 = std::time::Instant::now();
+    while !(ready1.exists() && ready2.exists()) {
+        assert!(t0.elapsed() < TIMEOUT, "the probes did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     std::fs::write(&go, "").unwrap();
     let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
     let a: Vec<&str> = r1.ok().lines().collect();
@@ -636,7 +645,14 @@ fn two_processes_lease_from_one_database_without_overlap() {
         a.len(),
         b.len()
     );
-    assert!(!a.is_empty() && !b.is_empty(), "both processes took part");
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both processes took part ({} + {}): {} / {}",
+        a.len(),
+        b.len(),
+        r1.stderr,
+        r2.stderr
+    );
     let done = db.run(&["ls", "--by-states"]);
     assert!(
         done.ok().contains("RUN_DONE (10000 BalsamJobs)"),

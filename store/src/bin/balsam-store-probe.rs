@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! balsam-store-probe prepare DB N            # move N CREATED jobs to PREPROCESSED (runnable)
-//! balsam-store-probe lease DB BATCH ROUNDS [--finish] [--print] [--wait-for FILE]
+//! balsam-store-probe lease DB BATCH ROUNDS [--finish] [--print] [--ready FILE] [--wait-for FILE]
+//!     [--pause-ms MS]
 //!     # lease BATCH runnable jobs per round; --finish runs each through RUNNING to RUN_DONE;
 //!     # --print writes every leased job id to stdout; timings go to stderr
 //! ```
@@ -82,6 +83,16 @@ fn run(args: &[String]) -> Result<(), String> {
             let rounds = num(args.get(4), "ROUNDS")?;
             let finish = args.iter().any(|a| a == "--finish");
             let print = args.iter().any(|a| a == "--print");
+            let pause_ms = match args.iter().position(|a| a == "--pause-ms") {
+                Some(i) => num(args.get(i + 1), "--pause-ms")? as u64,
+                None => 0,
+            };
+            // `--ready FILE`: say "I am at the barrier" so the caller knows when every probe is
+            // started (process start can take seconds on a loaded machine).
+            if let Some(i) = args.iter().position(|a| a == "--ready") {
+                let file = args.get(i + 1).ok_or("--ready needs a file")?;
+                std::fs::write(file, "").map_err(|e| format!("{file}: {e}"))?;
+            }
             // `--wait-for FILE`: start only once FILE exists, so concurrent probes really overlap.
             if let Some(i) = args.iter().position(|a| a == "--wait-for") {
                 let file = args.get(i + 1).ok_or("--wait-for needs a file")?;
@@ -127,6 +138,11 @@ fn run(args: &[String]) -> Result<(), String> {
                     for j in &jobs {
                         println!("{}", j.job_id);
                     }
+                }
+                // A launcher hands its jobs out between leases; `--pause-ms` stands for that
+                // work so that concurrent probes take turns as launchers do.
+                if pause_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(pause_ms));
                 }
             }
             let n = times.len().max(1) as f64;
