@@ -45,6 +45,15 @@ enum Command {
     Mkchild(cmd::mkchild::MkchildArgs),
     /// start a local instance of the balsam launcher
     Launcher(cmd::launcher::LauncherArgs),
+    /// submit a launcher job to the batch scheduler
+    #[command(
+        name = "submit-launch",
+        alias = "submit_launch",
+        args_override_self = true
+    )]
+    SubmitLaunch(cmd::submit_launch::SubmitLaunchArgs),
+    /// keep launcher jobs flowing into the batch scheduler as work comes and goes
+    Service(cmd::service::ServiceArgs),
     /// create a new Balsam database directory
     Init(cmd::init::InitArgs),
     /// add N dummy jobs, for testing
@@ -62,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(a) => cmd::init::run(&a),
         Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),
+        Command::Service(a) => cmd::service::run(cli.db.as_deref(), &a),
         other => match cmd::Ctx::open(cli.db.as_deref()) {
             Err(e) => Err(e),
             Ok(mut ctx) => match other {
@@ -75,12 +85,15 @@ fn main() -> ExitCode {
                 Command::Mkchild(a) => cmd::mkchild::run(&mut ctx, &a),
                 Command::MakeDummies(a) => cmd::make_dummies::run(&mut ctx, &a),
                 Command::Log(a) => cmd::log::run(&mut ctx, &a),
+                Command::SubmitLaunch(a) => cmd::submit_launch::run(&mut ctx, &a),
                 Command::Launcher(a) => cmd::launcher::run(&ctx.store.dir, &a).map(|code| {
                     if code != 0 {
                         std::process::exit(code);
                     }
                 }),
-                Command::Init(_) | Command::Which(_) => unreachable!("handled above"),
+                Command::Init(_) | Command::Which(_) | Command::Service(_) => {
+                    unreachable!("handled above")
+                }
             },
         },
     };

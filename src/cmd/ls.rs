@@ -334,6 +334,19 @@ fn list_workflows(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()>
 }
 
 fn list_queues(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
+    // States come from the scheduler, refreshed now; when it cannot be asked, the recorded
+    // states are shown with a warning rather than nothing.
+    let has_active = !ctx.store.launches(true)?.is_empty();
+    if has_active {
+        match balsam::batch::Site::open(&ctx.store.dir)
+            .and_then(|site| balsam::batch::refresh_launches(&mut ctx.store, &site, false))
+        {
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("balsam: warning: states as last recorded; cannot refresh them: {e}")
+            }
+        }
+    }
     let launches = ctx.store.launches(false)?;
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &launches)?;

@@ -12,6 +12,8 @@ pub mod make_dummies;
 pub mod mkchild;
 pub mod modify;
 pub mod rm;
+pub mod service;
+pub mod submit_launch;
 pub mod which;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -31,8 +33,18 @@ pub struct Ctx {
 impl Ctx {
     /// Opens the active database and starts logging to its `log/balsam.log`.
     pub fn open(db: Option<&Path>) -> Result<Ctx> {
+        Ctx::open_logging(db, "balsam.log", tracing::Level::WARN)
+    }
+
+    /// Opens the active database and logs to `log/<file>`, and to stderr from `stderr_level`
+    /// up (the service shows its decisions on its terminal too).
+    pub fn open_logging(
+        db: Option<&Path>,
+        file: &str,
+        stderr_level: tracing::Level,
+    ) -> Result<Ctx> {
         let store = Store::locate(db)?;
-        let guard = init_logging(&store.dir.log_dir());
+        let guard = init_logging(&store.dir.log_dir(), file, stderr_level);
         Ok(Ctx {
             store,
             _log_guard: guard,
@@ -42,18 +54,23 @@ impl Ctx {
 
 /// Logs go to the database's `log/balsam.log` (the provenance of who changed what from the
 /// command line) and, for warnings, to stderr.
-fn init_logging(dir: &Path) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+fn init_logging(
+    dir: &Path,
+    file: &str,
+    stderr_level: tracing::Level,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
     use tracing_subscriber::prelude::*;
-    let file = tracing_appender::rolling::never(dir, "balsam.log");
+    let file = tracing_appender::rolling::never(dir, file);
     let (writer, guard) = tracing_appender::non_blocking(file);
     let file_layer = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(writer.with_max_level(tracing::Level::INFO));
     let stderr_layer = tracing_subscriber::fmt::layer()
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
-        .with_writer(std::io::stderr.with_max_level(tracing::Level::WARN));
+        .with_writer(std::io::stderr.with_max_level(stderr_level));
     tracing_subscriber::registry()
         .with(file_layer)
         .with(stderr_layer)

@@ -40,6 +40,19 @@ pub enum LeaseGroup {
     Processable,
 }
 
+/// Jobs of one shape waiting for a launcher: the service's measure of the work to submit for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkShape {
+    /// Nodes each job needs (num_nodes + coschedule_num_nodes).
+    pub num_nodes: u32,
+    /// Each job's wall time, minutes.
+    pub wall_time_minutes: u32,
+    /// How many share a node (single-node jobs).
+    pub node_packing_count: u32,
+    /// How many jobs of this shape.
+    pub count: u64,
+}
+
 /// A session that fell silent and was expired.
 #[derive(Debug, Clone)]
 pub struct Expired {
@@ -289,6 +302,58 @@ impl Store {
                 ))?
                 .query_map([], session_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    /// The work no launcher holds yet, grouped by shape: runnable jobs, and jobs on their way to
+    /// being runnable (CREATED, READY, STAGED_IN) that the next transitions will make runnable.
+    /// Jobs AWAITING_PARENTS are not counted: they cannot run until their parents did (run the
+    /// transitions first, so that new children with unfinished parents are in that state).
+    pub fn waiting_work(&mut self, wf_filter: &str) -> Result<Vec<WorkShape>> {
+        let mut states: Vec<String> = RUNNABLE_STATES
+            .iter()
+            .map(|s| s.code().to_string())
+            .collect();
+        for s in [State::Created, State::Ready, State::StagedIn] {
+            states.push(s.code().to_string());
+        }
+        let mut sql = format!(
+            "SELECT num_nodes + coschedule_num_nodes, wall_time_minutes, node_packing_count, count(*) \
+             FROM jobs WHERE state IN ({}) AND lease_session IS NULL",
+            states.join(",")
+        );
+        if !wf_filter.is_empty() {
+            sql.push_str(" AND instr(workflow, ?1) > 0");
+        }
+        sql.push_str(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
+        let row = |r: &rusqlite::Row| {
+            Ok(WorkShape {
+                num_nodes: r.get(0)?,
+                wall_time_minutes: r.get(1)?,
+                node_packing_count: r.get(2)?,
+                count: r.get(3)?,
+            })
+        };
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let rows = if wf_filter.is_empty() {
+                stmt.query_map([], row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            } else {
+                stmt.query_map([wf_filter], row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            Ok(rows)
+        })
+    }
+
+    /// How many jobs, in any state, a workflow filter matches (`submit-launch` refuses a filter
+    /// that matches none: a typo would otherwise start a launcher that does nothing).
+    pub fn count_wf_filter(&mut self, wf_filter: &str) -> Result<u64> {
+        self.read(|tx| {
+            Ok(tx
+                .prepare_cached("SELECT count(*) FROM jobs WHERE instr(workflow, ?1) > 0")?
+                .query_row([wf_filter], |r| r.get(0))?)
         })
     }
 

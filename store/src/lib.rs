@@ -22,7 +22,7 @@ pub use db::{Store, SCHEMA_VERSION};
 pub use dir::{DbDir, DB_FILE};
 pub use error::{Error, Result};
 pub use jobs::{JobFilter, NewJob, WorkflowSummary};
-pub use leases::{Expired, LeaseFilter, LeaseGroup};
+pub use leases::{Expired, LeaseFilter, LeaseGroup, WorkShape};
 pub use lifecycle::{Outcome, Transition};
 pub use model::{
     format_time_us, now_us, parse_environ_vars, Application, Event, Job, JobSpec, QueuedLaunch,

@@ -359,3 +359,60 @@ fn newer_schema_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn waiting_work_groups_what_no_launcher_holds() {
+    let (_tmp, mut store) = new_store();
+    let mut shapes = Vec::new();
+    for (i, (nodes, wall, packing)) in [(1, 10, 4), (1, 10, 4), (1, 10, 4), (8, 30, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = spec(&format!("j{i}"));
+        s.num_nodes = nodes;
+        s.wall_time_minutes = wall;
+        s.node_packing_count = packing;
+        shapes.push(
+            store
+                .add_job(&NewJob {
+                    job_id: None,
+                    spec: s,
+                    parents: vec![],
+                })
+                .unwrap(),
+        );
+    }
+    // A child waiting for its parent is not work yet (the service's transitions have moved it
+    // to AWAITING_PARENTS before it counts).
+    let parent = shapes[0].clone();
+    let child = add(&mut store, "child", &[&parent]);
+    walk(&mut store, child.pk, &[State::Created, State::AwaitingParents]);
+    let work = store.waiting_work("").unwrap();
+    assert_eq!(work.len(), 2, "{work:?}");
+    let small = work.iter().find(|w| w.num_nodes == 1).unwrap();
+    assert_eq!(
+        (
+            small.wall_time_minutes,
+            small.node_packing_count,
+            small.count
+        ),
+        (10, 4, 3)
+    );
+    let big = work.iter().find(|w| w.num_nodes == 8).unwrap();
+    assert_eq!(big.count, 1);
+
+    // A leased job belongs to its launcher; finished jobs are not work.
+    let session = store.start_session(&SessionInfo::default()).unwrap();
+    walk(&mut store, shapes[1].pk, &TO_RUNNABLE);
+    let leased = store
+        .lease(session, LeaseGroup::Runnable, &LeaseFilter::default(), 10)
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    let work = store.waiting_work("").unwrap();
+    let small = work.iter().find(|w| w.num_nodes == 1).unwrap();
+    assert_eq!(small.count, 2);
+
+    assert!(store.waiting_work("nomatch").unwrap().is_empty());
+    assert_eq!(store.count_wf_filter("w").unwrap(), 5);
+    assert_eq!(store.count_wf_filter("nomatch").unwrap(), 0);
+}

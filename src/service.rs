@@ -1,0 +1,421 @@
+//! `balsam service`: keeps launcher jobs flowing into the batch queue as the work changes.
+//!
+//! Every SERVICE_PERIOD seconds one pass:
+//! 1. refreshes the recorded launches from the scheduler (finished ones are closed, batch jobs
+//!    submitted by hand are adopted);
+//! 2. runs the transitions of pending jobs (parents, stage-in, preprocess, postprocess,
+//!    stage-out), so that jobs become runnable, and finished runs JOB_FINISHED, with no launcher;
+//! 3. expires the leases of launchers that fell silent, so their jobs go RESTART_READY;
+//! 4. measures the waiting work in node-minutes and asks the packing decision
+//!    ([`balsam_cobalt::decide`]) what to submit under the queue policy, then submits it.
+//!
+//! Every decision and its reason goes to the log (`log/service.log`) when it changes, and into
+//! the `reason` of each launch it submits, which `balsam ls queues` shows.
+//!
+//! One service per database: an exclusive `flock` on `service.lock` in the database directory,
+//! held for the life of the process and released by the kernel however it ends. Between passes
+//! the service sleeps on a channel that SIGTERM and SIGINT wake, so it uses no CPU while idle
+//! and stops within moments.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use balsam_cobalt::{decide, ActiveLaunch, BatchJobState, Decision, PackingInput, RunnableWork};
+use balsam_launcher::{process_pending, TransitionOptions};
+use balsam_store::{DbDir, Error as StoreError, LeaseFilter, QueuedLaunch, SessionInfo, Store};
+
+use crate::batch::{self, refresh_launches, runs_launcher, LaunchRequest, Site};
+
+/// The lock file in the database directory.
+pub const LOCK_FILE: &str = "service.lock";
+
+/// Minutes at the end of a launch its launcher does not use: the shipped templates stop the
+/// launcher 2 minutes before the wall time.
+pub const MARGIN_MINUTES: u64 = 2;
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// One pass, then exit.
+    pub once: bool,
+    /// Between passes (SERVICE_PERIOD unless overridden).
+    pub period: Duration,
+    /// Job mode of the launches it submits.
+    pub job_mode: String,
+    /// Workflow filter of the launches it submits, and of the work it counts; empty for all.
+    pub wf_filter: String,
+    /// Project charged (DEFAULT_PROJECT when empty).
+    pub project: String,
+}
+
+/// Errors of the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another service holds the lock.
+    #[error("another balsam service is already running on {db}{holder}; stop it first (one service per database)")]
+    AlreadyRunning {
+        /// The database directory.
+        db: PathBuf,
+        /// ` (pid N)` when known.
+        holder: String,
+    },
+    /// The lock file could not be used.
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Settings, scheduler or store.
+    #[error(transparent)]
+    Batch(#[from] batch::Error),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transitions.
+    #[error(transparent)]
+    Launcher(#[from] balsam_launcher::Error),
+    /// Signal handling could not be set up.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Results of the service.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The exclusive lock that makes a service the only one on its database.
+pub struct ServiceLock {
+    _file: File,
+}
+
+impl ServiceLock {
+    /// Takes the lock or says who holds it. The lock is the kernel's (`flock`): it goes with
+    /// the process, so a killed service never leaves a stale lock behind.
+    pub fn acquire(db: &DbDir) -> Result<ServiceLock> {
+        let path = db.root.join(LOCK_FILE);
+        let lock_err = |source| Error::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let pid = text.trim();
+                return Err(Error::AlreadyRunning {
+                    db: db.root.clone(),
+                    holder: if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {pid})")
+                    },
+                });
+            }
+            return Err(lock_err(e));
+        }
+        file.set_len(0).map_err(lock_err)?;
+        file.rewind().map_err(lock_err)?;
+        writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
+        file.flush().map_err(lock_err)?;
+        Ok(ServiceLock { _file: file })
+    }
+}
+
+/// The service of one database.
+pub struct Service {
+    db: DbDir,
+    store: Store,
+    session: i64,
+    opts: ServiceOptions,
+    last_decision: String,
+    last_warning: String,
+}
+
+impl Service {
+    /// Opens the database for the service (the lock must be held already).
+    pub fn new(db: &DbDir, opts: ServiceOptions) -> Result<Service> {
+        let mut store = Store::open(db.clone())?;
+        let session = store.start_session(&service_session())?;
+        Ok(Service {
+            db: db.clone(),
+            store,
+            session,
+            opts,
+            last_decision: String::new(),
+            last_warning: String::new(),
+        })
+    }
+
+    /// Runs passes until `--once` is done or a stop signal arrives.
+    pub fn run(&mut self) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<i32>();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .map_err(Error::Signals)?;
+        let handle = signals.handle();
+        let waker = std::thread::spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        });
+        tracing::info!(
+            "service started on {} (pid {}, every {} s)",
+            self.db.root.display(),
+            std::process::id(),
+            self.opts.period.as_secs_f64()
+        );
+        let result = loop {
+            let started = Instant::now();
+            if let Err(e) = self.pass() {
+                // A pass that fails (scheduler down, settings being edited) is logged and tried
+                // again next period: the service must outlive passing trouble.
+                if self.opts.once {
+                    break Err(e);
+                }
+                self.warn_once(format!("pass failed: {e}"));
+            }
+            if self.opts.once {
+                break Ok(());
+            }
+            let wait = self.opts.period.saturating_sub(started.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(sig) => {
+                    tracing::info!("signal {sig}: stopping");
+                    break Ok(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            }
+        };
+        handle.close();
+        let _ = waker.join();
+        if let Err(e) = self.store.end_session(self.session) {
+            tracing::warn!("cannot end the service session: {e}");
+        }
+        tracing::info!("service stopped");
+        result
+    }
+
+    fn warn_once(&mut self, msg: String) {
+        if msg != self.last_warning {
+            tracing::warn!("{msg}");
+            self.last_warning = msg;
+        }
+    }
+
+    /// One pass: refresh, transitions, expiry, decision.
+    pub fn pass(&mut self) -> Result<()> {
+        // Settings are read each pass, so edits to settings.json or the policy take effect
+        // without a restart.
+        let site = Site::open(&self.db)?;
+        let policy = site.policy()?;
+
+        // 1. The queue as the scheduler sees it. Without it no decision is safe; the
+        // transitions still run.
+        let refreshed = refresh_launches(&mut self.store, &site, true);
+        if let Ok(r) = &refreshed {
+            for (id, old, new) in &r.changed {
+                tracing::info!("launch {id}: {old} -> {new}");
+            }
+        }
+
+        // 2. Transitions, under the service's own session.
+        let filter = LeaseFilter {
+            wf_filter: self.opts.wf_filter.clone(),
+            ..Default::default()
+        };
+        let threads = site.settings.num_transition_threads.max(1);
+        let processed = match process_pending(
+            &self.db,
+            self.session,
+            &filter,
+            threads,
+            &TransitionOptions::default(),
+        ) {
+            Err(balsam_launcher::Error::Store(StoreError::SessionEnded(_))) => {
+                // Our session was expired (the machine slept, the disk stalled): start anew.
+                self.session = self.store.start_session(&service_session())?;
+                0
+            }
+            other => other?,
+        };
+        if processed > 0 {
+            tracing::info!("processed {processed} jobs");
+        }
+        self.store.heartbeat(self.session).or_else(|e| match e {
+            StoreError::SessionEnded(_) => {
+                self.session = self.store.start_session(&service_session())?;
+                Ok(())
+            }
+            e => Err(e),
+        })?;
+
+        // 3. Silent launchers.
+        let expiry = Duration::from_secs(site.settings.lease_expiry_seconds);
+        for x in self.store.expire_sessions(expiry)? {
+            tracing::warn!(
+                "launcher session {} on {} (pid {}) fell silent: {} running jobs to RESTART_READY, {} leases released",
+                x.session.id,
+                x.session.host,
+                x.session.pid,
+                x.restarted,
+                x.released
+            );
+        }
+
+        // 4. The decision.
+        let refreshed = match refreshed {
+            Ok(r) => r,
+            Err(e) => {
+                self.warn_once(format!(
+                    "cannot list the {} queue, so nothing is submitted this pass: {e}",
+                    site.kind
+                ));
+                return Ok(());
+            }
+        };
+        let work: Vec<RunnableWork> = self
+            .store
+            .waiting_work(&self.opts.wf_filter)?
+            .iter()
+            .map(|w| RunnableWork {
+                num_nodes: w.num_nodes.max(1) as usize,
+                wall_time_minutes: u64::from(w.wall_time_minutes),
+                node_packing_count: w.node_packing_count.max(1) as usize,
+                count: w.count as usize,
+            })
+            .collect();
+        let launches = self.store.launches(true)?;
+        let active = active_launches(&launches, &refreshed.statuses);
+        let decisions = decide(&PackingInput {
+            work: &work,
+            launches: &active,
+            policy: &policy,
+            covered_node_minutes: 0.0,
+            margin_minutes: MARGIN_MINUTES,
+        });
+        for d in decisions {
+            match d {
+                Decision::Nothing { reason } => {
+                    if reason != self.last_decision {
+                        tracing::info!("decision: {reason}");
+                        self.last_decision = reason;
+                    }
+                }
+                Decision::Submit {
+                    queue,
+                    nodes,
+                    minutes,
+                    reason,
+                } => {
+                    tracing::info!("decision: {reason}");
+                    self.last_decision = reason.clone();
+                    let req = LaunchRequest {
+                        nodes: nodes as u32,
+                        wall_minutes: minutes as u32,
+                        queue: queue.clone(),
+                        project: self.opts.project.clone(),
+                        job_mode: self.opts.job_mode.clone(),
+                        wf_filter: self.opts.wf_filter.clone(),
+                        sched_flags: String::new(),
+                        reason,
+                    };
+                    match batch::submit_launch(&mut self.store, &site, &req) {
+                        Ok(_) => {}
+                        // A refusal (bad queue in the policy, over quota) is the scheduler's
+                        // word, logged; the next pass tries again.
+                        Err(e) => self.warn_once(format!(
+                            "submitting {nodes} nodes x {minutes} min to {queue} failed: {e}"
+                        )),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn service_session() -> SessionInfo {
+    SessionInfo {
+        kind: "service".into(),
+        host: hostname(),
+        pid: std::process::id() as i64,
+        ..Default::default()
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The recorded launches still in a queue, as the packing decision sees them: running ones with
+/// the minutes they have left (from the scheduler when it says), queued ones with their wall
+/// time. Batch jobs that do not run a launcher take a place in their queue but cover no work.
+fn active_launches(
+    launches: &[QueuedLaunch],
+    statuses: &[balsam_cobalt::BatchJobStatus],
+) -> Vec<ActiveLaunch> {
+    launches
+        .iter()
+        .filter_map(|l| {
+            let state = match l.state.as_str() {
+                "running" => BatchJobState::Running,
+                "exiting" => BatchJobState::Exiting,
+                "creating" | "submitted" | "queued" => BatchJobState::Queued,
+                _ => return None,
+            };
+            let status = statuses.iter().find(|s| s.scheduler_id == l.scheduler_id);
+            let minutes = match (&state, status) {
+                (BatchJobState::Running, Some(s)) => s
+                    .time_remaining_minutes
+                    .unwrap_or(u64::from(l.wall_minutes)),
+                _ => u64::from(l.wall_minutes),
+            };
+            let covers = runs_launcher(l);
+            Some(ActiveLaunch {
+                queue: l.queue.clone(),
+                nodes: if covers { l.nodes as usize } else { 0 },
+                minutes: if covers { minutes } else { 0 },
+                state,
+            })
+        })
+        .collect()
+}
+
+/// Runs the service: takes the lock, then passes until stopped.
+pub fn run(db: &DbDir, opts: ServiceOptions) -> Result<()> {
+    let _lock = ServiceLock::acquire(db)?;
+    let mut service = Service::new(db, opts)?;
+    service.run()
+}
+
+/// The lock file of a database directory (for messages).
+pub fn lock_path(db: &Path) -> PathBuf {
+    db.join(LOCK_FILE)
+}
