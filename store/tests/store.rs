@@ -386,7 +386,11 @@ fn waiting_work_groups_what_no_launcher_holds() {
     // to AWAITING_PARENTS before it counts).
     let parent = shapes[0].clone();
     let child = add(&mut store, "child", &[&parent]);
-    walk(&mut store, child.pk, &[State::Created, State::AwaitingParents]);
+    walk(
+        &mut store,
+        child.pk,
+        &[State::Created, State::AwaitingParents],
+    );
     let work = store.waiting_work("").unwrap();
     assert_eq!(work.len(), 2, "{work:?}");
     let small = work.iter().find(|w| w.num_nodes == 1).unwrap();
