@@ -25,6 +25,9 @@ pub const CREATING_GRACE: Duration = Duration::from_secs(600);
 /// after accepting it) is not taken as finished before this long.
 pub const LISTING_GRACE: Duration = Duration::from_secs(30);
 
+/// Launch states that still hold or wait for a place in a queue.
+pub const ACTIVE_STATES: [&str; 5] = balsam_store::launches::ACTIVE_LAUNCH_STATES;
+
 /// The job modes a launcher accepts.
 pub const JOB_MODES: [&str; 3] = ["serial", "mpi", "mixed"];
 

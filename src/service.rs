@@ -144,6 +144,11 @@ pub struct Service {
     opts: ServiceOptions,
     last_decision: String,
     last_warning: String,
+    /// The state each launch had when this service last looked, so that its log tells every
+    /// change, also those another command (`balsam ls queues`) recorded first.
+    seen: std::collections::HashMap<i64, String>,
+    /// Whether `seen` has been filled once (the first look logs only the active launches).
+    primed: bool,
 }
 
 impl Service {
@@ -158,6 +163,8 @@ impl Service {
             opts,
             last_decision: String::new(),
             last_warning: String::new(),
+            seen: std::collections::HashMap::new(),
+            primed: false,
         })
     }
 
@@ -183,6 +190,16 @@ impl Service {
             std::process::id(),
             self.opts.period.as_secs_f64()
         );
+        if let Ok(site) = Site::open(&self.db) {
+            if site.kind == balsam_cobalt::SchedulerKind::Cobalt
+                && self.opts.project.is_empty()
+                && site.settings.default_project.is_empty()
+            {
+                tracing::warn!(
+                    "no project: Cobalt refuses jobs without one; set DEFAULT_PROJECT in settings.json or pass -A"
+                );
+            }
+        }
         let result = loop {
             let started = Instant::now();
             if let Err(e) = self.pass() {
@@ -215,6 +232,32 @@ impl Service {
         result
     }
 
+    /// Logs the launches whose state changed since the last pass (recorded by this refresh or by
+    /// another command in between).
+    fn log_launch_changes(&mut self) -> Result<()> {
+        let launches = self.store.launches(false)?;
+        let first = !std::mem::replace(&mut self.primed, true);
+        for l in &launches {
+            let old = self.seen.insert(l.id, l.state.clone());
+            match old {
+                Some(old) if old != l.state => {
+                    tracing::info!("launch {}: {old} -> {}", l.id, l.state)
+                }
+                None if !first || super::batch::ACTIVE_STATES.contains(&l.state.as_str()) => {
+                    tracing::info!(
+                        "launch {} ({} job {}): {}",
+                        l.id,
+                        l.scheduler,
+                        l.scheduler_id,
+                        l.state
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn warn_once(&mut self, msg: String) {
         if msg != self.last_warning {
             tracing::warn!("{msg}");
@@ -232,10 +275,8 @@ impl Service {
         // 1. The queue as the scheduler sees it. Without it no decision is safe; the
         // transitions still run.
         let refreshed = refresh_launches(&mut self.store, &site, true);
-        if let Ok(r) = &refreshed {
-            for (id, old, new) in &r.changed {
-                tracing::info!("launch {id}: {old} -> {new}");
-            }
+        if refreshed.is_ok() {
+            self.log_launch_changes()?;
         }
 
         // 2. Transitions, under the service's own session.
@@ -340,7 +381,9 @@ impl Service {
                         reason,
                     };
                     match batch::submit_launch(&mut self.store, &site, &req) {
-                        Ok(_) => {}
+                        Ok(l) => {
+                            self.seen.insert(l.id, l.state);
+                        }
                         // A refusal (bad queue in the policy, over quota) is the scheduler's
                         // word, logged; the next pass tries again.
                         Err(e) => self.warn_once(format!(
