@@ -945,3 +945,34 @@ fn stage_in_and_stage_out() {
         "{h}"
     );
 }
+
+#[test]
+fn a_launcher_of_one_rank_runs_serial_jobs_itself() {
+    // One rank on one node (a 1-node batch job starts one rank per node): rank 0 has no worker
+    // rank beside it and runs the serial jobs on its own node.
+    let db = Db::new();
+    db.hello_app();
+    for i in 1..=4 {
+        db.add_job(
+            &format!("solo{i}"),
+            "solo",
+            "say-hello",
+            &["--node-packing-count", "2"],
+        );
+    }
+    launcher(&db, 0, &["--job-mode", "serial"]).ok();
+    for i in 1..=4 {
+        let name = format!("solo{i}");
+        assert_eq!(
+            db.state_of(&name),
+            "JOB_FINISHED",
+            "{}",
+            history(&db, &name)
+        );
+        assert!(
+            history(&db, &name).contains("(rank 0, pid"),
+            "{}",
+            history(&db, &name)
+        );
+    }
+}

@@ -5,7 +5,9 @@
 //!
 //! - Serial jobs go to worker ranks: a job takes 1/node_packing_count of its node, and a worker
 //!   gets as many as fit plus a small backlog sized by how short the jobs are, so a worker never
-//!   waits for the master between two short jobs.
+//!   waits for the master between two short jobs. When no worker rank shares rank 0's node (one
+//!   rank per node, as batch templates start it), rank 0 runs serial jobs there itself through a
+//!   local executor that stands in the worker list with rank 0.
 //! - MPI jobs (several nodes or ranks; every job in `--job-mode mpi`) get whole idle nodes,
 //!   reserved while they run; when none are idle the largest waiting job reserves nodes that are
 //!   draining, so a stream of serial work cannot starve it. The runner (an executor on this rank)
@@ -191,11 +193,19 @@ fn start<'w>(
 
     // Hellos: where every worker runs.
     let nworkers = (world.size() - 1) as usize;
-    let mut hellos: Vec<(i32, String)> = Vec::with_capacity(nworkers);
+    let mut hellos: Vec<(i32, String, Option<u32>)> = Vec::with_capacity(nworkers);
     let t = Instant::now();
     while hellos.len() < nworkers {
         match try_receive(world) {
-            Some((_, Message::Hello { rank, host, .. })) => hellos.push((rank, host)),
+            Some((
+                _,
+                Message::Hello {
+                    rank,
+                    host,
+                    node_index,
+                    ..
+                },
+            )) => hellos.push((rank, host, node_index)),
             Some((from, m)) => {
                 tracing::warn!("unexpected message from rank {from} at start: {m:?}")
             }
@@ -212,8 +222,23 @@ fn start<'w>(
     }
     hellos.sort();
     let batch_ref = batch.as_ref().map(|(s, l)| (s.as_str(), l.as_slice()));
-    let map: NodeMap = nodes::map_nodes(batch_ref, &hellos, &host);
+    let list = batch_ref.map(|(_, l)| l);
+    let placed: Vec<(i32, String)> = hellos
+        .iter()
+        .map(|(r, h, i)| (*r, nodes::place(list, h, *i)))
+        .collect();
+    let map: NodeMap = nodes::map_nodes(batch_ref, &placed, &host);
     tracing::info!("{} nodes from {}", map.nodes.len(), map.source);
+    // Rank 0's own node. When no worker rank shares it (one rank per node, as the batch
+    // templates start the launcher), rank 0 runs serial jobs there itself: otherwise a 1-node
+    // launch could run nothing and every launch would leave a node idle.
+    let master_name = nodes::place(list, &host, nodes::batch_node_index());
+    let master_node = map
+        .nodes
+        .iter()
+        .position(|n| nodes::same_host(&n.name, &master_name))
+        .filter(|ni| map.nodes[*ni].workers.is_empty())
+        .filter(|_| cfg.opts.job_mode != JobMode::Mpi);
 
     let base_env = process::base_environment(process::balsam_cli_dir().as_deref());
     let mpirun = MpiRun::from_settings(&cfg.settings, &mpirun::path_dirs(&base_env))?;
@@ -244,7 +269,28 @@ fn start<'w>(
             });
         }
     }
-    for w in &workers {
+    let local = master_node.map(|ni| {
+        node_states[ni].workers.push(workers.len());
+        workers.push(WorkerState {
+            rank: 0,
+            node: ni,
+            capacity: packing::NODE,
+            assigned: 0,
+            unstarted: 0,
+            bye: false,
+        });
+        tracing::info!(
+            "rank 0 runs serial jobs on its node {} (no worker rank there)",
+            node_states[ni].name
+        );
+        Executor::start(ExecutorConfig {
+            capacity: packing::NODE,
+            gpus_per_node: cfg.opts.gpus_per_node,
+            kill_grace: cfg.kill_grace,
+            base_env: base_env.clone(),
+        })
+    });
+    for w in workers.iter().filter(|w| w.rank != 0) {
         let setup = WorkerSetup {
             session,
             log_file: Some(
@@ -343,6 +389,7 @@ fn start<'w>(
         mpi_running: 0,
         max_mpiruns: cfg.settings.max_concurrent_mpiruns.max(1),
         runner,
+        local,
         mpirun,
         to_store,
         from_store,
@@ -383,6 +430,9 @@ struct Master<'w> {
     mpi_running: usize,
     max_mpiruns: usize,
     runner: Executor,
+    /// Runs serial jobs on rank 0's node when no worker rank runs there; its worker entry has
+    /// rank 0.
+    local: Option<Executor>,
     mpirun: MpiRun,
     to_store: Sender<ToStore>,
     from_store: Receiver<FromStore>,
@@ -440,9 +490,15 @@ impl Master<'_> {
         let mut pause = MIN_PAUSE;
         loop {
             self.stats.loops += 1;
+            // A signal is seen before the reports are read, so that jobs it ended count as
+            // stopped by it (see job_finished).
+            if self.stopping.is_none() && term.load(Ordering::Relaxed) {
+                self.check_stop(term);
+            }
             let mut activity = self.poll_mpi();
             activity |= self.poll_store();
             activity |= self.poll_runner();
+            activity |= self.poll_local();
             if self.stopping.is_none() {
                 self.check_stop(term);
             }
@@ -467,6 +523,9 @@ impl Master<'_> {
             let mut sel = Select::new();
             sel.recv(&self.from_store);
             sel.recv(&self.runner.events);
+            if let Some(local) = &self.local {
+                sel.recv(&local.events);
+            }
             let _ = sel.ready_timeout(pause);
             self.stats.sleeps += 1;
             pause = (pause * 2).min(max);
@@ -514,6 +573,22 @@ impl Master<'_> {
             any = true;
             match ev {
                 Event::Started(s) => self.job_started(s, None),
+                Event::Finished(f) => self.job_finished(f),
+            }
+        }
+        any
+    }
+
+    fn poll_local(&mut self) -> bool {
+        let Some(local) = &self.local else {
+            return false;
+        };
+        let events: Vec<Event> = local.events.try_iter().collect();
+        let any = !events.is_empty();
+        let wi = self.workers.iter().position(|w| w.rank == 0);
+        for ev in events {
+            match ev {
+                Event::Started(s) => self.job_started(s, wi),
                 Event::Finished(f) => self.job_finished(f),
             }
         }
@@ -612,6 +687,16 @@ impl Master<'_> {
         if f.killed.is_none() && a.kill.is_some() && !f.status.success() {
             f.killed = a.kill;
         }
+        // A batch system ending the allocation (Slurm's time limit) signals every process in it,
+        // the jobs as well as the launcher: a job that died after the launcher got its signal
+        // was cut short, as if the launcher had killed it (RUN_TIMEOUT, not RUN_ERROR).
+        if f.killed.is_none()
+            && f.started
+            && !f.status.success()
+            && self.stopping == Some(KillReason::Signal)
+        {
+            f.killed = Some(KillReason::Signal);
+        }
         self.finished.push(f);
     }
 
@@ -665,6 +750,13 @@ impl Master<'_> {
                 },
             );
             let job = self.run_job(r, cost);
+            if self.workers[wi].rank == 0 {
+                if let Some(local) = &self.local {
+                    local.send(Request::Run(job));
+                }
+                any = true;
+                continue;
+            }
             let out = self.outbox.entry(wi).or_default();
             out.push(job);
             if out.len() >= MAX_JOBS_PER_MESSAGE {
@@ -883,6 +975,11 @@ impl Master<'_> {
         }
         a.kill = Some(reason);
         match &a.place {
+            Place::Worker(wi) if self.workers[*wi].rank == 0 => {
+                if let Some(local) = &self.local {
+                    local.send(Request::Kill(vec![pk], reason));
+                }
+            }
             Place::Worker(wi) => self.kills.entry((*wi, reason)).or_default().push(pk),
             Place::Runner(_) => self.runner.send(Request::Kill(vec![pk], reason)),
         }
@@ -965,8 +1062,14 @@ impl Master<'_> {
         if !unstarted.is_empty() && reason != KillReason::SessionLost {
             let _ = self.to_store.send(ToStore::Release(unstarted));
         }
-        for w in &self.workers {
-            if !w.bye {
+        for w in &mut self.workers {
+            if w.rank == 0 {
+                // Rank 0's own jobs end through its executor; their reports still arrive.
+                if let Some(local) = &self.local {
+                    local.send(Request::KillAll(reason));
+                }
+                w.bye = true;
+            } else if !w.bye {
                 send(self.world, w.rank, &Message::Shutdown { reason });
             }
         }

@@ -30,6 +30,9 @@ pub enum Message {
         host: String,
         /// CPUs it may use.
         cpus: u32,
+        /// Its index in the batch node list when the batch system says (Slurm's
+        /// `SLURM_NODEID`): node names and host names differ on some clusters.
+        node_index: Option<u32>,
     },
     /// Master → worker, once every worker said hello: the session and what the worker needs to
     /// run jobs.
@@ -265,6 +268,7 @@ mod tests {
                 rank: 3,
                 host: "nid01001".into(),
                 cpus: 64,
+                node_index: Some(0),
             },
             Message::Run(vec![sample_job(1), sample_job(2)]),
             Message::Report {

@@ -3,8 +3,9 @@
 //! Every worker rank reports its host at start ([`crate::messages::Message::Hello`]). The batch
 //! system's node list comes from the allocation (`COBALT_PARTNAME` ranges such as
 //! `1001-1005,1030` or `COBALT_NODEFILE`; `SLURM_JOB_NODELIST` such as `nid0[1-3,7]`;
-//! `PBS_NODEFILE`), parsed by `balsam_cobalt`. Ranks are matched to the list by host name
-//! (`nid01001` matches Cobalt's `1001`). Nodes no worker runs on still serve MPI jobs.
+//! `PBS_NODEFILE`), parsed by `balsam_cobalt`. Ranks are matched to the list by their index in it
+//! when the batch system gives one (Slurm's `SLURM_NODEID`), else by host name (`nid01001`
+//! matches Cobalt's `1001`). Nodes no worker runs on still serve MPI jobs.
 //!
 //! **Synthetic nodes.** Outside a batch job (or in a local "virtual node" allocation) there is no
 //! node list, and on a workstation every rank shares one host. Then each worker rank is its own
@@ -111,6 +112,22 @@ pub fn map_nodes(
                 source: "worker ranks (one synthetic node per worker)".into(),
             }
         }
+    }
+}
+
+/// This process's index in the batch node list, when the batch system gives it: Slurm sets
+/// `SLURM_NODEID` for every task of a step (and MPICH under Slurm keeps it right per rank).
+/// Host names can differ from the node names Slurm lists, and then only the index places a rank.
+pub fn batch_node_index() -> Option<u32> {
+    std::env::var("SLURM_JOB_ID").ok()?;
+    std::env::var("SLURM_NODEID").ok()?.trim().parse().ok()
+}
+
+/// The node a rank runs on: the batch list's entry at its index when known, else its host.
+pub fn place(list: Option<&[String]>, host: &str, index: Option<u32>) -> String {
+    match (list, index) {
+        (Some(l), Some(i)) if (i as usize) < l.len() => l[i as usize].clone(),
+        _ => host.to_string(),
     }
 }
 

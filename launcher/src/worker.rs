@@ -56,6 +56,7 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
             rank,
             host: host.clone(),
             cpus,
+            node_index: crate::nodes::batch_node_index(),
         },
     );
     let mut pause = MIN_PAUSE;
