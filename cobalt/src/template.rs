@@ -218,16 +218,18 @@ mod tests {
     #[test]
     fn short_jobs_keep_a_positive_time_limit() {
         for kind in SchedulerKind::ALL {
-            for (minutes, expect) in [(1u64, 1u64), (2, 1), (3, 1), (4, 2), (60, 58)] {
+            // Under 4 minutes the launcher keeps half the wall time, so that it still stops
+            // before the scheduler does.
+            for (minutes, expect) in [(1u64, "0.5"), (2, "1.0"), (3, "1.5"), (4, "2"), (60, "58")] {
                 let mut v = vars();
                 v.time_minutes = minutes;
                 let out = render_job_template("t", default_template(kind), &v).unwrap();
-                let want = format!("--time-limit-minutes={expect}");
+                let want = format!("--time-limit-minutes={expect}\n");
                 assert!(
                     out.contains(&want),
                     "{kind} {minutes} min: want {want} in\n{out}"
                 );
-                assert!(!out.contains("--time-limit-minutes=0"), "{out}");
+                assert!(!out.contains("--time-limit-minutes=0\n"), "{out}");
                 assert!(!out.contains("--time-limit-minutes=-"), "{out}");
             }
         }
