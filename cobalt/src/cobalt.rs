@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exec::{program_or, Run};
 use crate::scheduler::{
     ceil_minutes, parse_duration_secs, BatchJobState, BatchJobStatus, Scheduler, SchedulerConfig,
@@ -44,27 +44,21 @@ impl Scheduler for CobaltScheduler {
     fn submit(&self, req: &SubmitRequest) -> Result<String> {
         req.validate(true)?;
         let exe = program_or(&self.config.submit_exe, "qsub");
-        let run = Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout()).args(submit_args(req));
-        let out = run.output()?;
-        parse_submit_output(&out.stdout).ok_or_else(|| Error::UnexpectedOutput {
-            command: run.display(),
-            problem: "no job id (an integer) in what qsub printed".into(),
-            output: format!("{}{}", out.stdout, out.stderr),
-        })
+        Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout())
+            .args(submit_args(req))
+            .submit(
+                parse_submit_output,
+                "no job id (an integer) in what qsub printed",
+            )
     }
 
     fn status(&self) -> Result<Vec<BatchJobStatus>> {
         let exe = program_or(&self.config.status_exe, "qstat");
-        let run = Run::new(&exe, STATUS_EXE_SETTING, self.timeout())
+        Run::new(&exe, STATUS_EXE_SETTING, self.timeout())
             .env("QSTAT_HEADER", QSTAT_HEADER)
             .arg("-u")
-            .arg(&self.config.user);
-        let out = run.output()?;
-        parse_qstat(&out.stdout).map_err(|problem| Error::UnexpectedOutput {
-            command: run.display(),
-            problem,
-            output: out.stdout.clone(),
-        })
+            .arg(&self.config.user)
+            .status(parse_qstat, usize::MAX)
     }
 
     fn cancel(&self, scheduler_id: &str) -> Result<()> {
@@ -245,6 +239,7 @@ fn normalise_state(raw: &str) -> BatchJobState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use std::path::PathBuf;
 
     /// Laid out exactly as Cobalt's `print_tabular` prints (columns padded to the widest value plus

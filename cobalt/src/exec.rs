@@ -99,6 +99,32 @@ impl<'a> Run<'a> {
         shell_words::join(words)
     }
 
+    /// Runs a submit program and reads the new job's id from its stdout with `parse`; `what`
+    /// says what was expected when nothing could be read.
+    pub fn submit(&self, parse: impl Fn(&str) -> Option<String>, what: &str) -> Result<String> {
+        let out = self.output()?;
+        parse(&out.stdout).ok_or_else(|| Error::UnexpectedOutput {
+            command: self.display(),
+            problem: what.to_string(),
+            output: format!("{}{}", out.stdout, out.stderr),
+        })
+    }
+
+    /// Runs a status program and parses its stdout; `keep` bounds how much of the output an
+    /// error quotes.
+    pub fn status<T>(
+        &self,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+        keep: usize,
+    ) -> Result<T> {
+        let out = self.output()?;
+        parse(&out.stdout).map_err(|problem| Error::UnexpectedOutput {
+            command: self.display(),
+            problem,
+            output: out.stdout.chars().take(keep).collect(),
+        })
+    }
+
     /// Runs the command; Ok only when it exits 0 within the time limit.
     pub fn output(&self) -> Result<Output> {
         let mut cmd = Command::new(self.exe);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exec::{program_or, Run};
 use crate::scheduler::{
     ceil_minutes, parse_duration_secs, BatchJobState, BatchJobStatus, Scheduler, SchedulerConfig,
@@ -45,28 +45,20 @@ impl Scheduler for PbsScheduler {
     fn submit(&self, req: &SubmitRequest) -> Result<String> {
         req.validate(false)?;
         let exe = program_or(&self.config.submit_exe, "qsub");
-        let run = Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout())
+        Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout())
             .args(submit_args(req))
-            .cwd(&req.cwd);
-        let out = run.output()?;
-        parse_submit_output(&out.stdout).ok_or_else(|| Error::UnexpectedOutput {
-            command: run.display(),
-            problem: "no job id (like 1234.server) in what qsub printed".into(),
-            output: format!("{}{}", out.stdout, out.stderr),
-        })
+            .cwd(&req.cwd)
+            .submit(
+                parse_submit_output,
+                "no job id (like 1234.server) in what qsub printed",
+            )
     }
 
     fn status(&self) -> Result<Vec<BatchJobStatus>> {
         let exe = program_or(&self.config.status_exe, "qstat");
-        let run = Run::new(&exe, STATUS_EXE_SETTING, self.timeout()).args(["-f", "-F", "json"]);
-        let out = run.output()?;
-        parse_qstat_json(&out.stdout, &self.config.user).map_err(|problem| {
-            Error::UnexpectedOutput {
-                command: run.display(),
-                problem,
-                output: out.stdout.chars().take(2000).collect(),
-            }
-        })
+        Run::new(&exe, STATUS_EXE_SETTING, self.timeout())
+            .args(["-f", "-F", "json"])
+            .status(|out| parse_qstat_json(out, &self.config.user), 2000)
     }
 
     fn cancel(&self, scheduler_id: &str) -> Result<()> {
@@ -298,6 +290,7 @@ pub fn repair_json(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use std::path::PathBuf;
 
     /// `qstat -f -F json` as PBS Pro 2022 prints it on Polaris, trimmed, with the invalid JSON

@@ -45,19 +45,9 @@ impl SlurmScheduler {
     }
 
     fn status_text(&self, exe: &Path) -> Result<Vec<BatchJobStatus>> {
-        let run = Run::new(exe, STATUS_EXE_SETTING, self.timeout()).args([
-            "-h",
-            "-u",
-            &self.config.user,
-            "-o",
-            SQUEUE_TEXT_FORMAT,
-        ]);
-        let out = run.output()?;
-        parse_squeue_text(&out.stdout).map_err(|problem| Error::UnexpectedOutput {
-            command: run.display(),
-            problem,
-            output: out.stdout.clone(),
-        })
+        Run::new(exe, STATUS_EXE_SETTING, self.timeout())
+            .args(["-h", "-u", &self.config.user, "-o", SQUEUE_TEXT_FORMAT])
+            .status(parse_squeue_text, usize::MAX)
     }
 }
 
@@ -69,13 +59,12 @@ impl Scheduler for SlurmScheduler {
     fn submit(&self, req: &SubmitRequest) -> Result<String> {
         req.validate(false)?;
         let exe = program_or(&self.config.submit_exe, "sbatch");
-        let run = Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout()).args(submit_args(req));
-        let out = run.output()?;
-        parse_submit_output(&out.stdout).ok_or_else(|| Error::UnexpectedOutput {
-            command: run.display(),
-            problem: "no job id in what sbatch --parsable printed".into(),
-            output: format!("{}{}", out.stdout, out.stderr),
-        })
+        Run::new(&exe, SUBMIT_EXE_SETTING, self.timeout())
+            .args(submit_args(req))
+            .submit(
+                parse_submit_output,
+                "no job id in what sbatch --parsable printed",
+            )
     }
 
     fn status(&self) -> Result<Vec<BatchJobStatus>> {
