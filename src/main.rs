@@ -68,6 +68,15 @@ enum Command {
 fn main() -> ExitCode {
     cmd::install_panic_hook();
     let cli = Cli::parse();
+    // `balsam ls | head`: end quietly when the reader leaves, as Unix tools do (Rust ignores
+    // SIGPIPE, and a print to the closed pipe would otherwise panic). Not for the service, a
+    // daemon that must outlive whatever reads its stderr.
+    if !matches!(cli.command, Command::Service(_)) {
+        // SAFETY: restoring the default disposition of one signal, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Init(a) => cmd::init::run(&a),
         Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),

@@ -33,6 +33,21 @@ use crate::batch::{self, refresh_launches, runs_launcher, LaunchRequest, Site};
 /// The lock file in the database directory.
 pub const LOCK_FILE: &str = "service.lock";
 
+/// The service's last decision, in the database directory, for `balsam ls queues`.
+pub const STATUS_FILE: &str = "service-status.json";
+
+/// The service's last decision as `balsam ls queues` shows it, if a service ever decided.
+pub fn last_decision(db: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(db.join(STATUS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(format!(
+        "Last service decision ({}, pid {}): {}",
+        v["time"].as_str()?,
+        v["pid"].as_u64()?,
+        v["decision"].as_str()?
+    ))
+}
+
 /// Minutes at the end of a launch its launcher does not use: the shipped templates stop the
 /// launcher 2 minutes before the wall time.
 pub const MARGIN_MINUTES: u64 = 2;
@@ -311,6 +326,28 @@ impl Service {
         Ok(work)
     }
 
+    /// Records a decision: in the log when it differs from the last one (a submission always),
+    /// and in `service-status.json`, which `balsam ls queues` shows.
+    fn decided(&mut self, reason: String, submitting: bool) {
+        if !submitting && reason == self.last_decision {
+            return;
+        }
+        tracing::info!("decision: {reason}");
+        let status = serde_json::json!({
+            "pid": std::process::id(),
+            "time": chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            "decision": reason,
+        });
+        let path = self.db.root.join(STATUS_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, status.to_string() + "\n")
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+        self.last_decision = reason;
+    }
+
     fn warn_once(&mut self, msg: String) {
         if msg != self.last_warning {
             tracing::warn!("{msg}");
@@ -411,10 +448,7 @@ impl Service {
             .collect();
         if closed.len() == policy.queues.len() {
             let reason = format!("no queue can take a launch now: {}", closed.join("; "));
-            if reason != self.last_decision {
-                tracing::info!("decision: {reason}");
-                self.last_decision = reason;
-            }
+            self.decided(reason, false);
             return Ok(());
         }
         let work = self.waiting_work(&active, processed)?;
@@ -427,20 +461,14 @@ impl Service {
         });
         for d in decisions {
             match d {
-                Decision::Nothing { reason } => {
-                    if reason != self.last_decision {
-                        tracing::info!("decision: {reason}");
-                        self.last_decision = reason;
-                    }
-                }
+                Decision::Nothing { reason } => self.decided(reason, false),
                 Decision::Submit {
                     queue,
                     nodes,
                     minutes,
                     reason,
                 } => {
-                    tracing::info!("decision: {reason}");
-                    self.last_decision = reason.clone();
+                    self.decided(reason.clone(), true);
                     let req = LaunchRequest {
                         nodes: nodes as u32,
                         wall_minutes: minutes as u32,

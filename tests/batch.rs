@@ -988,6 +988,15 @@ fn local_service_once_on_an_empty_database() {
     );
     assert!(site.launches().is_empty());
     assert!(site.scripts().is_empty());
+    // ls queues shows the service's last decision, with the pid that made it.
+    let ls = site.run(&["ls", "queues"]);
+    let text = ls.ok();
+    assert!(text.contains("No queued launches"), "{text}");
+    assert!(
+        text.contains("Last service decision (")
+            && text.contains("): no runnable jobs: nothing to submit"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1016,6 +1025,12 @@ fn cobalt_service_follows_the_queue_policy() {
         log.lines()
             .any(|l| l.contains("decision:") && l.contains("debug-cache-quad: submit-jobs is off")),
         "{log}"
+    );
+    let ls = site.run(&["ls", "queues"]);
+    assert!(
+        ls.ok().contains("debug-cache-quad: submit-jobs is off"),
+        "ls queues does not show the decision:\n{}",
+        ls.stdout
     );
     assert!(site.launches().is_empty());
     assert_eq!(site.fixture_submissions(), 0);

@@ -353,8 +353,12 @@ fn list_queues(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
         writeln!(out)?;
         return Ok(());
     }
+    let decision = balsam::service::last_decision(&ctx.store.dir.root);
     if launches.is_empty() {
         writeln!(out, "No queued launches")?;
+        if let Some(d) = decision {
+            writeln!(out, "{d}")?;
+        }
         return Ok(());
     }
     let header: Vec<String> = [
@@ -390,5 +394,8 @@ fn list_queues(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
         })
         .collect();
     table(out, &header, &rows)?;
+    if let Some(d) = decision {
+        writeln!(out, "\n{d}")?;
+    }
     Ok(())
 }
