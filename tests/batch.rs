@@ -11,10 +11,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{repo_root, run_cmd, Db, Run, TIMEOUT};
+use common::{read, repo_root, run_cmd, set_settings, wait_for, Daemon, Db, Run, TIMEOUT};
 use serde_json::{json, Value};
 
 /// Bound for a launch to run its jobs and finish.
@@ -129,12 +129,7 @@ impl Site {
     }
 
     fn set_settings(&self, pairs: &[(&str, Value)]) {
-        let p = self.db.path.join("settings.json");
-        let mut v: Value = serde_json::from_str(&read(&p)).unwrap();
-        for (k, val) in pairs {
-            v[*k] = val.clone();
-        }
-        std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        set_settings(&self.db, pairs);
     }
 
     /// The hello app and `n` jobs `test1..testN` in workflow `test`.
@@ -171,7 +166,7 @@ impl Site {
     /// Waits until the launch is finished; returns the states seen on the way.
     fn wait_launch_finished(&self, id: i64) -> Vec<String> {
         let mut seen: Vec<String> = Vec::new();
-        let ok = wait_for(LAUNCH_TIMEOUT, || {
+        let ok = wait_for(LAUNCH_TIMEOUT, POLL, || {
             let s = self.launch(id)["state"].as_str().unwrap().to_string();
             if seen.last() != Some(&s) {
                 seen.push(s.clone());
@@ -188,7 +183,7 @@ impl Site {
 
     /// Waits until every job is JOB_FINISHED.
     fn wait_jobs_finished(&self) {
-        let ok = wait_for(LAUNCH_TIMEOUT, || {
+        let ok = wait_for(LAUNCH_TIMEOUT, POLL, || {
             let jobs = self.db.jobs_json(&[]);
             !jobs.is_empty() && jobs.iter().all(|j| j["state"] == "JOB_FINISHED")
         });
@@ -279,7 +274,9 @@ impl Site {
                 Duration::from_secs(20),
                 None,
             );
-            if wait_for(Duration::from_secs(20), || self.fixture_jobs().is_empty()) {
+            if wait_for(Duration::from_secs(20), POLL, || {
+                self.fixture_jobs().is_empty()
+            }) {
                 return;
             }
             // The supervisors did not finish: kill them and the jobs' sessions.
@@ -333,98 +330,19 @@ impl Drop for Site {
     }
 }
 
-/// A `balsam service` running in the background, in its own process group; killed if the test
-/// ends before it stops.
-struct Service {
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Service {
-    fn start(site: &Site, args: &[&str]) -> Service {
-        use std::os::unix::process::CommandExt;
-        let out = site.db.tmp.path().join("service.out");
-        let f = std::fs::File::create(&out).unwrap();
-        let mut a = vec!["service"];
-        a.extend_from_slice(args);
-        let mut c = site.cmd(&a);
-        c.stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .stdin(Stdio::null())
-            .process_group(0);
-        Service {
-            child: Some(c.spawn().expect("start balsam service")),
-            out,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    /// Sends `sig` and waits for the exit; returns the exit code and how long it took.
-    fn stop(&mut self, sig: i32, timeout: Duration) -> (Option<i32>, Duration) {
-        let mut child = self.child.take().expect("service running");
-        // SAFETY: a signal to the child this test started.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return (st.code(), t.elapsed());
-            }
-            if t.elapsed() > timeout {
-                kill_group(child.id() as i32);
-                let _ = child.wait();
-                panic!(
-                    "service still running {timeout:?} after signal {sig}:\n{}",
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(c.id() as i32);
-            let _ = c.wait();
-        }
-    }
+/// `balsam service ARGS` in the background (see [`Daemon`]).
+fn start_service(site: &Site, args: &[&str]) -> Daemon {
+    let mut a = vec!["service"];
+    a.extend_from_slice(args);
+    Daemon::start(site.cmd(&a), site.db.tmp.path().join("service.out"))
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// Polls `f` every 100 ms until it holds or `timeout` passes; says whether it held.
-fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if t.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How often the tests here poll for a condition.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Whether `pid` is alive (not a zombie) and leads its own process group.
 fn group_leader_alive(pid: i32) -> bool {
@@ -445,7 +363,7 @@ fn kill_group(pid: i32) {
     }
     // SAFETY: signals to a process group this test started.
     unsafe { libc::kill(-pid, libc::SIGTERM) };
-    if !wait_for(Duration::from_secs(3), || !group_leader_alive(pid)) {
+    if !wait_for(Duration::from_secs(3), POLL, || !group_leader_alive(pid)) {
         // SAFETY: as above.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
@@ -894,7 +812,7 @@ fn local_service_submits_runs_and_stops() {
     let site = Site::new(Kind::Local);
     site.hello_jobs(4);
     let log = site.db.path.join("log/service.log");
-    let mut svc = Service::start(&site, &["--period", "1"]);
+    let mut svc = start_service(&site, &["--period", "1"]);
     // Until the service has seen its launch end, only the service refreshes the launches (`ls
     // queues` would too, and the service would then not see the transitions).
     site.wait_jobs_finished();
@@ -910,7 +828,7 @@ fn local_service_submits_runs_and_stops() {
         })
         .unwrap_or_else(|| panic!("no submission in the log:\n{text}"));
     assert!(
-        wait_for(LAUNCH_TIMEOUT, || read(&log)
+        wait_for(LAUNCH_TIMEOUT, POLL, || read(&log)
             .contains(&format!("launch {id}: running -> finished"))),
         "the service did not see launch {id} finish:\n{}",
         site.diagnostics()
@@ -1101,7 +1019,9 @@ fn cobalt_service_follows_the_queue_policy() {
     // Once it is gone the place is free: one launch, and only one.
     run_cmd(site.fixture_cmd("qdel", &[&hand_id]), TIMEOUT, None).ok();
     assert!(
-        wait_for(Duration::from_secs(20), || site.fixture_jobs().is_empty()),
+        wait_for(Duration::from_secs(20), POLL, || site
+            .fixture_jobs()
+            .is_empty()),
         "the hand job did not go: {:?}",
         site.fixture_jobs()
     );

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{repo_root, run_cmd, Db, Run};
+use common::{history, job, read, repo_root, run_cmd, set_settings, wait_for, Db, Run};
 use serde_json::Value;
 
 /// Bound of one launcher run.
@@ -158,15 +158,11 @@ fn alive(pid: i32) -> bool {
 }
 
 #[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(
+        wait_for(timeout, Duration::from_millis(100), f),
+        "timed out after {timeout:?} waiting for {what}"
+    );
 }
 
 fn jobs(db: &Db) -> Vec<Value> {
@@ -185,34 +181,8 @@ fn states(db: &Db) -> HashMap<String, String> {
         .collect()
 }
 
-fn job(db: &Db, name: &str) -> Value {
-    db.jobs_json(&["--name", name])
-        .into_iter()
-        .find(|j| j["name"] == name)
-        .unwrap()
-}
-
 fn workdir(db: &Db, name: &str) -> PathBuf {
     PathBuf::from(job(db, name)["workdir"].as_str().unwrap())
-}
-
-fn history(db: &Db, name: &str) -> String {
-    db.run(&["ls", "--history", "--name", name])
-        .ok()
-        .to_string()
-}
-
-fn set_settings(db: &Db, pairs: &[(&str, Value)]) {
-    let p = db.path.join("settings.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    for (k, val) in pairs {
-        v[*k] = val.clone();
-    }
-    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[test]

@@ -12,10 +12,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{repo_root, run_cmd, Db, Run, TIMEOUT};
+use common::{
+    history, job, read, repo_root, run_cmd, set_settings, wait_for, Daemon, Db, Run, TIMEOUT,
+};
 use serde_json::Value;
 
 /// Bound of `cluster.sh start` (it may have to install the packages first) and `stop`.
@@ -153,103 +155,16 @@ impl Drop for Cluster {
 // ---------------------------------------------------------------------------------------------
 // The service in the background
 
-/// A `balsam service` child; killed (by pid) if the test ends while it runs.
-struct Service {
-    child: Option<Child>,
-    output: PathBuf,
-}
-
-impl Service {
-    fn start(cluster: &Cluster, db: &Db, args: &[&str]) -> Service {
-        use std::os::unix::process::CommandExt;
-        let output = db.tmp.path().join("service.out");
-        let f = std::fs::File::create(&output).unwrap();
-        let mut c = cluster.balsam(db, &[&["service"], args].concat());
-        c.stdin(Stdio::null())
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .process_group(0);
-        Service {
-            child: Some(c.spawn().expect("start balsam service")),
-            output,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("service running").id() as i32
-    }
-
-    /// Sends `sig` and waits up to `timeout` for the exit; the exit code (None: killed by a
-    /// signal, or still running at the timeout, then killed).
-    fn stop(&mut self, sig: i32, timeout: Duration) -> (Option<i32>, Duration) {
-        let mut child = self.child.take().expect("service running");
-        // SAFETY: signals our own child by its pid.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return (st.code(), t.elapsed());
-            }
-            if t.elapsed() > timeout {
-                // SAFETY: as above.
-                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                let _ = child.wait();
-                return (None, t.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.output).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kills our own child by its pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            let _ = child.wait();
-        }
-    }
+/// `balsam service ARGS` against the cluster, in the background (see [`Daemon`]).
+fn start_service(cluster: &Cluster, db: &Db, args: &[&str]) -> Daemon {
+    Daemon::start(
+        cluster.balsam(db, &[&["service"], args].concat()),
+        db.tmp.path().join("service.out"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Polls `f` every `every` until it holds or `timeout` passes; false on timeout.
-fn wait_for(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if t.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(every);
-    }
-}
-
-fn set_settings(db: &Db, pairs: &[(&str, Value)]) {
-    let p = db.path.join("settings.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    for (k, val) in pairs {
-        v[*k] = val.clone();
-    }
-    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
 
 /// The last `n` lines of every file in `dir` whose name contains `pattern`.
 fn tails(dir: &Path, pattern: &str, n: usize) -> String {
@@ -313,19 +228,6 @@ fn launch_state(cluster: &Cluster, db: &Db, id: i64) -> String {
         .find(|l| l["id"] == id)
         .map(|l| l["state"].as_str().unwrap().to_string())
         .unwrap_or_else(|| panic!("no launch {id}"))
-}
-
-fn job(db: &Db, name: &str) -> Value {
-    db.jobs_json(&["--name", name])
-        .into_iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job {name}"))
-}
-
-fn history(db: &Db, name: &str) -> String {
-    db.run(&["ls", "--history", "--name", name])
-        .ok()
-        .to_string()
 }
 
 /// How many jobs are in each state.
@@ -675,7 +577,7 @@ fn service_submits_launchers_for_50_jobs_and_then_stays_idle() {
     assert!(out.ok().contains("Added 50 jobs"), "{}", out.stdout);
 
     let t0 = Instant::now();
-    let mut service = Service::start(&cluster, &db, &["--period", "1"]);
+    let mut service = start_service(&cluster, &db, &["--period", "1"]);
     // One service per database.
     assert!(
         wait_for(Duration::from_secs(10), Duration::from_millis(100), || {

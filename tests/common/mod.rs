@@ -230,3 +230,118 @@ impl Db {
         &self.path
     }
 }
+
+/// A file's text; the test fails naming the file when it cannot be read.
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Polls `f` every `every` until it holds or `timeout` passes; false on timeout.
+pub fn wait_for(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if t.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Sets keys of the database's settings.json.
+pub fn set_settings(db: &Db, pairs: &[(&str, serde_json::Value)]) {
+    let p = db.path.join("settings.json");
+    let mut v: serde_json::Value = serde_json::from_str(&read(&p)).unwrap();
+    for (k, val) in pairs {
+        v[*k] = val.clone();
+    }
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// The job with this exact name, as `ls --json` prints it.
+pub fn job(db: &Db, name: &str) -> serde_json::Value {
+    db.jobs_json(&["--name", name])
+        .into_iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name}"))
+}
+
+/// `balsam ls --history --name NAME`.
+pub fn history(db: &Db, name: &str) -> String {
+    db.run(&["ls", "--history", "--name", name])
+        .ok()
+        .to_string()
+}
+
+/// A long-running `balsam` command (the service) in the background, in its own process group,
+/// with stdout and stderr in a file; its group is killed if the test ends while it runs.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    output: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` with its output in `output`.
+    pub fn start(mut cmd: Command, output: PathBuf) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let f = std::fs::File::create(&output).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .process_group(0);
+        Daemon {
+            child: Some(cmd.spawn().expect("start the background command")),
+            output,
+        }
+    }
+
+    /// Its pid (and process group).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("still running").id() as i32
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the exit; the exit code (None: killed by a
+    /// signal, or still running at the timeout, then killed) and how long it took.
+    pub fn stop(&mut self, sig: i32, timeout: Duration) -> (Option<i32>, Duration) {
+        let mut child = self.child.take().expect("still running");
+        // SAFETY: a signal to the child this test started.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return (st.code(), t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                // SAFETY: its own process group, started by this test.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                return (None, t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: its own process group, started by this test.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
