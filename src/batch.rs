@@ -25,9 +25,6 @@ pub const CREATING_GRACE: Duration = Duration::from_secs(600);
 /// after accepting it) is not taken as finished before this long.
 pub const LISTING_GRACE: Duration = Duration::from_secs(30);
 
-/// Launch states that still hold or wait for a place in a queue.
-pub const ACTIVE_STATES: [&str; 5] = balsam_store::launches::ACTIVE_LAUNCH_STATES;
-
 /// The job modes a launcher accepts.
 pub const JOB_MODES: [&str; 3] = ["serial", "mpi", "mixed"];
 
@@ -377,17 +374,6 @@ pub fn qlaunch_text(l: &QueuedLaunch) -> String {
     format!("Qlaunch {{ {}}}", body.join(",\n  "))
 }
 
-/// What a refresh found.
-#[derive(Debug, Default)]
-pub struct Refresh {
-    /// The user's batch jobs as the scheduler listed them.
-    pub statuses: Vec<BatchJobStatus>,
-    /// Launches whose state changed: (id, old state, new state).
-    pub changed: Vec<(i64, String, String)>,
-    /// Launches adopted from the queue.
-    pub adopted: Vec<QueuedLaunch>,
-}
-
 /// The launch state for a scheduler state. Held, suspended and other states still hold a place
 /// in the queue, so they count as queued.
 fn launch_state(s: &BatchJobState) -> &'static str {
@@ -403,7 +389,12 @@ fn launch_state(s: &BatchJobState) -> &'static str {
 /// launches it no longer lists are finished. With `adopt`, the user's batch jobs that this
 /// database did not submit are recorded too (from_balsam false): they take places in the
 /// queues, which max-queued must count.
-pub fn refresh_launches(store: &mut Store, site: &Site, adopt: bool) -> Result<Refresh> {
+/// Returns the user's batch jobs as the scheduler listed them.
+pub fn refresh_launches(
+    store: &mut Store,
+    site: &Site,
+    adopt: bool,
+) -> Result<Vec<BatchJobStatus>> {
     let statuses = site.scheduler.status()?;
     let by_id: HashMap<&str, &BatchJobStatus> = statuses
         .iter()
@@ -411,7 +402,6 @@ pub fn refresh_launches(store: &mut Store, site: &Site, adopt: bool) -> Result<R
         .collect();
     let now = balsam_store::now_us();
     let age = |us: i64| Duration::from_micros(now.saturating_sub(us).max(0) as u64);
-    let mut changed = Vec::new();
     for mut l in store.launches(true)? {
         let old = l.state.clone();
         if l.scheduler_id.is_empty() {
@@ -433,10 +423,8 @@ pub fn refresh_launches(store: &mut Store, site: &Site, adopt: bool) -> Result<R
         }
         if l.state != old {
             store.update_launch(&l)?;
-            changed.push((l.id, old, l.state.clone()));
         }
     }
-    let mut adopted = Vec::new();
     if adopt {
         for s in statuses.iter().filter(|s| s.state.is_active()) {
             if store.launch_by_scheduler_id(&s.scheduler_id)?.is_some() {
@@ -469,14 +457,9 @@ pub fn refresh_launches(store: &mut Store, site: &Site, adopt: bool) -> Result<R
                 l.nodes,
                 l.queue
             );
-            adopted.push(l);
         }
     }
-    Ok(Refresh {
-        statuses,
-        changed,
-        adopted,
-    })
+    Ok(statuses)
 }
 
 /// Whether an adopted batch job runs a Balsam launcher (a `qlaunch` script, or a name or

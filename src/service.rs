@@ -274,7 +274,9 @@ impl Service {
                 Some(old) if old != l.state => {
                     tracing::info!("launch {}: {old} -> {}", l.id, l.state)
                 }
-                None if !first || super::batch::ACTIVE_STATES.contains(&l.state.as_str()) => {
+                None if !first
+                    || balsam_store::launches::ACTIVE_LAUNCH_STATES.contains(&l.state.as_str()) =>
+                {
                     tracing::info!(
                         "launch {} ({} job {}): {}",
                         l.id,
@@ -425,7 +427,7 @@ impl Service {
             }
         };
         let launches = self.store.launches(true)?;
-        let active = active_launches(&launches, &refreshed.statuses);
+        let active = active_launches(&launches, &refreshed);
         // When no queue can take a launch, the work need not be measured: on a database of a
         // million waiting jobs that measure is most of a pass, and this is the steady state of
         // a large campaign (every queue at max-queued).
@@ -555,9 +557,4 @@ pub fn run(db: &DbDir, opts: ServiceOptions) -> Result<()> {
     let _lock = ServiceLock::acquire(db)?;
     let mut service = Service::new(db, opts)?;
     service.run()
-}
-
-/// The lock file of a database directory (for messages).
-pub fn lock_path(db: &Path) -> PathBuf {
-    db.join(LOCK_FILE)
 }
