@@ -368,6 +368,23 @@ impl Store {
         }
     }
 
+    /// The database's size on disk, bytes (the SQLite file and its WAL; the PostgreSQL
+    /// database's tables and indexes).
+    pub fn size_bytes(&mut self) -> Result<u64> {
+        match self.backend() {
+            Backend::Sqlite => {
+                let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let file = self.dir.db_file();
+                let wal = file.with_file_name(format!("{}-wal", crate::dir::DB_FILE));
+                Ok(size(file) + size(wal))
+            }
+            Backend::Postgres => self.read(|tx| {
+                tx.query_one("SELECT pg_database_size(current_database())", &[])?
+                    .u64(0)
+            }),
+        }
+    }
+
     /// The schema version in the database.
     pub fn schema_version(&mut self) -> Result<i64> {
         Ok(self.found_version()?.0)
