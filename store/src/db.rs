@@ -241,7 +241,19 @@ impl Store {
                     let e = Error::Pg(e);
                     if !is_connection_error(&e) {
                         // Refused for a reason waiting will not cure (a wrong password).
-                        return Err(self.unavailable(&e));
+                        let about_password = e.to_string().contains("password");
+                        return Err(Error::Refused(format!(
+                            "the database server at {} refused the connection: {e}{}",
+                            server.address(),
+                            if about_password {
+                                format!(
+                                    ". Its password is read from {}, then PGPASSFILE, then ~/.pgpass",
+                                    self.dir.root.join(crate::server_info::PASSWORD_FILE).display()
+                                )
+                            } else {
+                                String::new()
+                            }
+                        )));
                     }
                     if !OUTAGE_ANNOUNCED.swap(true, Ordering::AcqRel) {
                         tracing::warn!(
@@ -373,7 +385,8 @@ impl Store {
     pub fn size_bytes(&mut self) -> Result<u64> {
         match self.backend() {
             Backend::Sqlite => {
-                let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let size =
+                    |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 let file = self.dir.db_file();
                 let wal = file.with_file_name(format!("{}-wal", crate::dir::DB_FILE));
                 Ok(size(file) + size(wal))
@@ -507,16 +520,10 @@ impl Store {
                             pause = (pause * 2).min(Duration::from_millis(200));
                         }
                         Err(e) if is_connection_error(&e) => {
+                            // Said by ensure_connected if connecting again fails: a connection
+                            // that died while idle (the server restarted meanwhile) is no
+                            // outage, and is replaced without a word.
                             self.conn = None;
-                            if !OUTAGE_ANNOUNCED.swap(true, Ordering::AcqRel) {
-                                tracing::warn!(
-                                    "lost the database server {} ({e}); retrying",
-                                    self.server
-                                        .as_ref()
-                                        .map(|s| s.address())
-                                        .unwrap_or_default()
-                                );
-                            }
                             if start.elapsed() >= self.patience {
                                 return Err(self.unavailable(&e));
                             }
@@ -617,8 +624,12 @@ pub(crate) fn is_connection_error(e: &Error) -> bool {
             let code = c.code();
             code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
         }
-        // No server answer at all: an I/O error or a timeout.
-        None => p.as_db_error().is_none(),
+        // No server answer at all: an I/O error or a timeout (not a client-side refusal
+        // such as "invalid configuration: password missing").
+        None => {
+            p.as_db_error().is_none()
+                && std::error::Error::source(p).is_some_and(|s| s.is::<std::io::Error>())
+        }
     }
 }
 

@@ -175,7 +175,11 @@ fn pg_message(e: &postgres::Error) -> String {
             Some(d) => format!("{}: {d}", db.message()),
             None => db.message().to_string(),
         },
-        None => e.to_string(),
+        // "error connecting to server" says nothing without its cause ("Connection refused").
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

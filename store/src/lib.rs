@@ -16,6 +16,7 @@ pub mod leases;
 pub mod lifecycle;
 pub mod model;
 mod pg;
+pub mod pgserver;
 pub mod procid;
 mod schema;
 pub mod server_info;
