@@ -63,6 +63,8 @@ enum Command {
     Which(cmd::which::WhichArgs),
     /// follow the database's logs
     Log(cmd::log::LogArgs),
+    /// start, stop or inspect the database's PostgreSQL server
+    Server(cmd::server::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(&a),
         Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),
         Command::Service(a) => cmd::service::run(cli.db.as_deref(), &a),
+        Command::Server(a) => cmd::server::run(cli.db.as_deref(), &a),
         other => match cmd::Ctx::open(cli.db.as_deref()) {
             Err(e) => Err(e),
             Ok(mut ctx) => match other {
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
                         std::process::exit(code);
                     }
                 }),
-                Command::Init(_) | Command::Which(_) | Command::Service(_) => {
+                Command::Init(_) | Command::Which(_) | Command::Service(_) | Command::Server(_) => {
                     unreachable!("handled above")
                 }
             },

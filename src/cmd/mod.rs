@@ -12,6 +12,7 @@ pub mod make_dummies;
 pub mod mkchild;
 pub mod modify;
 pub mod rm;
+pub mod server;
 pub mod service;
 pub mod submit_launch;
 pub mod which;
