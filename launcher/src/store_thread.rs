@@ -207,6 +207,7 @@ pub fn spawn(
         release: Vec::new(),
         draining: false,
         lost: false,
+        told_unreachable: false,
         next_lease: [Instant::now(), Instant::now()],
         lease_pause: [Duration::from_millis(50), Duration::from_millis(50)],
         last_heartbeat: Instant::now(),
@@ -233,6 +234,8 @@ struct StoreThread {
     release: Vec<i64>,
     draining: bool,
     lost: bool,
+    /// The master was told the database cannot be reached (until a status says otherwise).
+    told_unreachable: bool,
     next_lease: [Instant; 2],
     lease_pause: [Duration; 2],
     last_heartbeat: Instant,
@@ -390,6 +393,11 @@ impl StoreThread {
     }
 
     fn cannot_start(&mut self, job: &Job, e: crate::Error) {
+        if matches!(&e, crate::Error::Store(s) if self.unreachable(s)) {
+            // Not the job's fault: given back, to be leased again.
+            self.release.push(job.pk);
+            return;
+        }
         tracing::warn!("{}: cannot be started: {e}", job.cute_id());
         let t = Transition::new(
             job.pk,
@@ -475,7 +483,9 @@ impl StoreThread {
                 Err(e) => {
                     // Kept for the next flush; a database that stays broken ends in the
                     // session expiring, which is safe.
-                    tracing::error!("writing {} state changes failed: {e}; retrying", ts.len());
+                    if !self.unreachable(&e) {
+                        tracing::error!("writing {} state changes failed: {e}; retrying", ts.len());
+                    }
                     self.pending_since = Some(Instant::now());
                     return;
                 }
@@ -484,7 +494,9 @@ impl StoreThread {
         if !self.release.is_empty() {
             let pks = std::mem::take(&mut self.release);
             if let Err(e) = self.store.release(self.cfg.session, &pks) {
-                tracing::warn!("releasing {} jobs failed: {e}", pks.len());
+                if !self.unreachable(&e) {
+                    tracing::warn!("releasing {} jobs failed: {e}", pks.len());
+                }
             }
         }
     }
@@ -558,7 +570,11 @@ impl StoreThread {
             match self.store.heartbeat(self.cfg.session) {
                 Ok(()) => {}
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
-                Err(e) => tracing::warn!("heartbeat failed: {e}"),
+                Err(e) => {
+                    if !self.unreachable(&e) {
+                        tracing::warn!("heartbeat failed: {e}")
+                    }
+                }
             }
         }
         if self.last_kill_poll.elapsed() >= Duration::from_millis(400) {
@@ -573,7 +589,11 @@ impl StoreThread {
                     let _ = self.tx.send(FromStore::Kill(pks));
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!("polling for killed jobs failed: {e}"),
+                Err(e) => {
+                    if !self.unreachable(&e) {
+                        tracing::warn!("polling for killed jobs failed: {e}")
+                    }
+                }
             }
         }
         let every = self
@@ -591,14 +611,25 @@ impl StoreThread {
                         );
                     }
                 }
-                Err(e) => tracing::warn!("expiring sessions failed: {e}"),
+                Err(e) => {
+                    if !self.unreachable(&e) {
+                        tracing::warn!("expiring sessions failed: {e}")
+                    }
+                }
             }
         }
         if self.last_status.elapsed() >= Duration::from_millis(500) {
             self.last_status = Instant::now();
-            let has_work = self.store.has_work(&self.cfg.wf_filter).unwrap_or(true);
-            let busy =
-                !self.pending.is_empty() || self.pool.as_ref().is_some_and(|p| p.in_flight() > 0);
+            let (has_work, unreachable) = match self.store.has_work(&self.cfg.wf_filter) {
+                Ok(w) => {
+                    self.told_unreachable = false;
+                    (w, false)
+                }
+                Err(e) => (true, self.unreachable(&e)),
+            };
+            let busy = unreachable
+                || !self.pending.is_empty()
+                || self.pool.as_ref().is_some_and(|p| p.in_flight() > 0);
             let _ = self.tx.send(FromStore::Status { has_work, busy });
         }
     }
@@ -628,7 +659,9 @@ impl StoreThread {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
             Err(e) => {
-                tracing::warn!("leasing runnable jobs failed: {e}");
+                if !self.unreachable(&e) {
+                    tracing::warn!("leasing runnable jobs failed: {e}");
+                }
                 Vec::new()
             }
         };
@@ -687,6 +720,24 @@ impl StoreThread {
             workdir,
             output,
         })
+    }
+
+    /// Whether `e` says the database cannot be reached (the store itself says so once, and
+    /// once when it is back). The first time, the master hears at once that this thread is
+    /// busy: while nobody knows what work remains, an outage is no idle time to exit on,
+    /// however long this thread's calls wait for the server.
+    fn unreachable(&mut self, e: &balsam_store::Error) -> bool {
+        if !e.is_unavailable() {
+            return false;
+        }
+        if !self.told_unreachable {
+            self.told_unreachable = true;
+            let _ = self.tx.send(FromStore::Status {
+                has_work: true,
+                busy: true,
+            });
+        }
+        true
     }
 
     fn session_lost(&mut self) {

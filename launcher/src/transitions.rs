@@ -86,7 +86,16 @@ impl AppCache {
                 return Ok(app.clone());
             }
         }
-        let app = Arc::new(store.app(name)?);
+        let app = match store.app(name) {
+            Ok(a) => Arc::new(a),
+            // The database cannot be reached: the application as last read beats waiting out
+            // the store's patience once per finished job.
+            Err(e) if e.is_unavailable() => match self.apps.get(name) {
+                Some((_, app)) => return Ok(app.clone()),
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
         self.apps
             .insert(name.to_string(), (Instant::now(), app.clone()));
         Ok(app)
@@ -454,14 +463,16 @@ impl Transitions {
     }
 }
 
-/// Database errors after which processing other jobs makes no sense either.
+/// Database errors after which processing other jobs makes no sense either; none of them is the
+/// job's fault, so the job is never failed for one (an unreachable server among them).
 fn is_fatal_store_error(e: &balsam_store::Error) -> bool {
     matches!(
         e,
         balsam_store::Error::Sql(_)
+            | balsam_store::Error::Pg(_)
             | balsam_store::Error::SessionEnded(_)
             | balsam_store::Error::Corrupt(_)
-    )
+    ) || e.is_unavailable()
 }
 
 fn step_name(state: State) -> &'static str {
@@ -903,9 +914,12 @@ impl TransitionPool {
                 .spawn(move || {
                     for job in rx.iter() {
                         if !stop.load(Ordering::Relaxed) {
-                            let cute = job.cute_id();
+                            let (cute, pk) = (job.cute_id(), job.pk);
                             match t.process(job) {
                                 Ok(s) => tracing::debug!("{cute}: {s}"),
+                                Err(Error::Store(e)) if e.is_unavailable() => {
+                                    release_when_back(&mut t, &[pk], &stop)
+                                }
                                 Err(e) => tracing::error!("{cute}: transition failed: {e}"),
                             }
                         }
@@ -981,6 +995,27 @@ impl TransitionPool {
     }
 }
 
+/// Gives back the leases of jobs whose processing an unreachable database cut short, once it
+/// is back: they are leased again in whatever state was written, instead of staying held by
+/// this session with nobody working on them. Gives up when the pool stops (ending the session
+/// releases them then).
+fn release_when_back(t: &mut Transitions, pks: &[i64], stop: &AtomicBool) {
+    let mut pause = Duration::from_millis(500);
+    while !stop.load(Ordering::Relaxed) {
+        match t.store.release(t.session, pks) {
+            Ok(_) => return,
+            Err(e) if e.is_unavailable() => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!("giving back {} jobs failed: {e}", pks.len());
+                return;
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn feed(
     t: &mut Transitions,
@@ -1001,7 +1036,10 @@ fn feed(
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return,
             Err(e) => {
-                tracing::error!("leasing processable jobs: {e}");
+                // An unreachable database is announced once by the store itself.
+                if !e.is_unavailable() {
+                    tracing::error!("leasing processable jobs: {e}");
+                }
                 Vec::new()
             }
         };
@@ -1013,6 +1051,7 @@ fn feed(
         pause = Duration::from_millis(20);
         in_flight.fetch_add(leased.len(), Ordering::AcqRel);
         let n = leased.len();
+        let pks: Vec<i64> = leased.iter().map(|j| j.pk).collect();
         let slow = match &sink {
             None => t.fast_forward(leased),
             Some(deliver) => t.fast_forward_keep(leased).map(|(slow, runnable)| {
@@ -1024,6 +1063,10 @@ fn feed(
         };
         let slow = match slow {
             Ok(s) => s,
+            Err(Error::Store(e)) if e.is_unavailable() => {
+                release_when_back(t, &pks, stop);
+                Vec::new()
+            }
             Err(e) => {
                 tracing::error!("fast path for {n} jobs: {e}");
                 Vec::new()
