@@ -28,3 +28,13 @@ BALSAM_TEST_PG_URL=$(bash tests/pg/server.sh start "$pgdir")
 export BALSAM_TEST_PG_URL BALSAM_TEST_BACKEND=postgres
 cargo test --locked -p balsam-store --test store -- --test-threads="$threads"
 cargo test --locked -p balsam --test cli --test launcher --test batch --test slurm -- --test-threads="$threads"
+
+# --- Many hosts: `balsam init --postgres`, `balsam server`, outages, network namespaces --------
+# tests/pgserver.rs (each test a private server of its own) and tests/netns.rs (a login host and
+# two compute hosts as network namespaces, tests/netns/hosts.sh; needs root) ran in the workspace
+# pass above. Each removes what it made, also when it fails: check that nothing was left.
+if ip netns list 2>/dev/null | grep -q '^balsam-[0-9]*-'; then
+    echo "test.sh: network namespaces left behind by tests/netns.rs:" >&2
+    ip netns list | grep '^balsam-[0-9]*-' >&2
+    exit 1
+fi
