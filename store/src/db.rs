@@ -205,6 +205,9 @@ impl Store {
                 })?;
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
+            // The WAL and its index stay on disk when the last writer closes (emptied, not
+            // removed), so users who may only read the directory can still open the database.
+            persist_wal(&conn);
         }
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65536)?;
@@ -373,7 +376,8 @@ impl Store {
     pub fn size_bytes(&mut self) -> Result<u64> {
         match self.backend() {
             Backend::Sqlite => {
-                let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let size =
+                    |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 let file = self.dir.db_file();
                 let wal = file.with_file_name(format!("{}-wal", crate::dir::DB_FILE));
                 Ok(size(file) + size(wal))
@@ -586,6 +590,22 @@ fn finish_pg<T>(pg: &mut PgConn, out: Result<T>) -> Result<T> {
             let _ = pg.client.batch_execute("ROLLBACK");
             Err(e)
         }
+    }
+}
+
+/// Keeps the `-wal` and `-shm` files when this connection closes (SQLITE_FCNTL_PERSIST_WAL):
+/// without them a reader who cannot create files in the directory cannot open a WAL database.
+fn persist_wal(conn: &Connection) {
+    let mut on: std::ffi::c_int = 1;
+    // SAFETY: a file-control call on this open connection's main database, with a pointer to
+    // an int that lives across the call, as SQLite documents for this opcode.
+    unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::ffi::c_int).cast(),
+        );
     }
 }
 
