@@ -138,6 +138,195 @@ fn log_settings_set_the_level_and_rotate_the_log() {
 }
 
 #[test]
+fn numeric_flags_have_ranges_and_clear_errors() {
+    let db = Db::new();
+    db.hello_app();
+    for (args, want) in [
+        (
+            vec!["launcher", "--num-workers", "4294967295"],
+            "error: invalid value '4294967295' for '--num-workers <N>': 4294967295 is not in \
+             1..=1024",
+        ),
+        (
+            vec!["launcher", "--num-workers", "0"],
+            "error: invalid value '0' for '--num-workers <N>': 0 is not in 1..=1024",
+        ),
+        (
+            vec!["submit-launch", "-n", "0", "-t", "5"],
+            "error: invalid value '0' for '--nodes <NODES>': 0 is not in 1..=100000",
+        ),
+        (
+            vec!["submit-launch", "-n", "1", "-t", "4294967296"],
+            "error: invalid value '4294967296' for '--time-minutes <MINUTES>': 4294967296 is \
+             not in 1..=43200",
+        ),
+        (
+            vec!["service", "--once", "--period", "1e300"],
+            "error: invalid value '1e300' for '--period <SECONDS>': expected a number of \
+             seconds more than 0 and at most 86400 (a day)",
+        ),
+        (
+            vec!["service", "--once", "--period", "NaN"],
+            "error: invalid value 'NaN' for '--period <SECONDS>': expected a number of seconds \
+             more than 0 and at most 86400 (a day)",
+        ),
+        (
+            vec!["make_dummies", "18446744073709551615"],
+            "error: invalid value '18446744073709551615' for '<NUM>': 18446744073709551615 is \
+             not in 1..=10000000",
+        ),
+        (
+            vec!["log", "-n", "99999999999"],
+            "error: invalid value '99999999999' for '--lines <LINES>': 99999999999 is not in \
+             0..=100000",
+        ),
+        (
+            vec![
+                "job",
+                "--name",
+                "a",
+                "--app",
+                "say-hello",
+                "--wall-time-minutes",
+                "-5",
+                "--yes",
+            ],
+            "error: unexpected argument '-5' found",
+        ),
+        (
+            vec![
+                "job",
+                "--name",
+                "a",
+                "--app",
+                "say-hello",
+                "--ranks-per-node",
+                "0",
+                "--yes",
+            ],
+            "error: invalid value '0' for '--ranks-per-node <N>': expected a positive integer",
+        ),
+    ] {
+        let out = db.run(&args);
+        out.err();
+        assert_eq!(first_line(&out), want, "{args:?}:\n{}", out.stderr);
+    }
+    // BALSAM_LS_LIMIT is checked too.
+    let out = run_cmd(
+        {
+            let mut c = db.cmd(&["ls"]);
+            c.env("BALSAM_LS_LIMIT", "99999999999999999999999");
+            c
+        },
+        TIMEOUT,
+        None,
+    );
+    refused(
+        &out,
+        "balsam: error: BALSAM_LS_LIMIT=\"99999999999999999999999\": expected a whole number \
+         of rows from 1 to 10000000 (unset it for 5000)\n",
+    );
+    assert!(names(&db).is_empty());
+    assert!(db.path.join("qsubmit").read_dir().unwrap().next().is_none());
+}
+
+#[test]
+fn errors_say_their_cause_once() {
+    let db = Db::new();
+    db.hello_app();
+    let file = db.tmp.path().join("two.jsonl");
+    std::fs::write(
+        &file,
+        "{\"name\": \"a\", \"application\": \"say-hello\", \"num_nodes\": \"two\"}\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", file.to_str().unwrap()]);
+    refused(
+        &out,
+        &format!(
+            "balsam: error: {}:1: bad value \"two\" for num_nodes: expected a positive integer\n",
+            file.display()
+        ),
+    );
+    let csv = db.tmp.path().join("two.csv");
+    std::fs::write(&csv, "name,application,num_nodes\na,say-hello,two\n").unwrap();
+    let out = db.run(&["job", "--from-file", csv.to_str().unwrap()]);
+    refused(
+        &out,
+        &format!(
+            "balsam: error: {}:2: bad value \"two\" for num_nodes: expected a positive integer\n",
+            csv.display()
+        ),
+    );
+    assert!(names(&db).is_empty());
+}
+
+#[test]
+fn a_byte_order_mark_is_not_an_error() {
+    let db = Db::new();
+    db.hello_app();
+    let file = db.tmp.path().join("bom.jsonl");
+    std::fs::write(
+        &file,
+        "\u{feff}{\"name\": \"a\", \"application\": \"say-hello\"}\n\
+         {\"name\": \"b\", \"application\": \"say-hello\"}\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", file.to_str().unwrap()]);
+    assert_eq!(
+        out.ok(),
+        format!("Added 2 jobs from {}\n", file.display()),
+        "{}",
+        out.stderr
+    );
+    let csv = db.tmp.path().join("bom.csv");
+    std::fs::write(&csv, "\u{feff}name,application\nc,say-hello\n").unwrap();
+    db.run(&["job", "--from-file", csv.to_str().unwrap()]).ok();
+    assert_eq!(names(&db), ["a", "b", "c"]);
+    // A JSON error names the column within the line, not a "line 1" that is not the file's.
+    std::fs::write(
+        &file,
+        "{\"name\": \"a\", \"application\": \"say-hello\"}\n{\"name\": }\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", file.to_str().unwrap()]);
+    refused(
+        &out,
+        &format!(
+            "balsam: error: {}:2: not a JSON object: expected value at column 10\n",
+            file.display()
+        ),
+    );
+}
+
+#[test]
+fn an_unterminated_csv_quote_is_an_error_naming_its_line() {
+    let db = Db::new();
+    db.hello_app();
+    let csv = db.tmp.path().join("quote.csv");
+    std::fs::write(
+        &csv,
+        "name,application,args\n\
+         a,say-hello,one\n\
+         b,say-hello,\"two\n\
+         c,say-hello,three\n\
+         d,say-hello,four\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", csv.to_str().unwrap()]);
+    refused(
+        &out,
+        &format!(
+            "balsam: error: {}:3: the quote that opens a field on this line is not closed \
+             before the line ends (a job field holds no line break; a quote inside a quoted \
+             field is written twice: \"\")\n",
+            csv.display()
+        ),
+    );
+    assert!(names(&db).is_empty(), "nothing inserted");
+}
+
+#[test]
 fn the_launcher_logs_at_the_settings_level_and_rotates() {
     let db = Db::new();
     set_settings(

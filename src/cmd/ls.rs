@@ -69,11 +69,17 @@ const VERBOSE_COLS: [&str; 6] = [
     "launcher",
 ];
 
-fn limit() -> usize {
-    std::env::var("BALSAM_LS_LIMIT")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(5000)
+/// BALSAM_LS_LIMIT: rows shown, 1 to 10000000 (default 5000).
+fn limit() -> Result<usize> {
+    let Ok(v) = std::env::var("BALSAM_LS_LIMIT") else {
+        return Ok(5000);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => anyhow::bail!(
+            "BALSAM_LS_LIMIT={v:?}: expected a whole number of rows from 1 to 10000000 (unset it for 5000)"
+        ),
+    }
 }
 
 fn columns(verbose: bool) -> Result<Vec<String>> {
@@ -159,7 +165,7 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
         LsWhat::Jobs => {}
     }
     let f = filter(a)?;
-    let lim = limit();
+    let lim = limit()?;
     let store = &mut ctx.store;
     if a.json {
         let (jobs, _) = store.list_jobs(&f, lim)?;
