@@ -327,6 +327,25 @@ fn an_unterminated_csv_quote_is_an_error_naming_its_line() {
 }
 
 #[test]
+fn balsam_launcher_in_a_batch_job_refuses_workers_on_the_head_node() {
+    let db = Db::new();
+    let nodefile = db.tmp.path().join("nodes");
+    std::fs::write(&nodefile, "nid01001\nnid01002\n").unwrap();
+    let mut c = db.cmd(&["launcher", "--num-workers", "2", "--consume-all"]);
+    c.env("COBALT_JOBID", "4242")
+        .env("COBALT_PARTNAME", "1001-1002")
+        .env("COBALT_NODEFILE", &nodefile);
+    let out = run_cmd(c, Duration::from_secs(30), None);
+    refused(
+        &out,
+        "balsam: error: --num-workers 2 starts worker ranks on this host, but this is cobalt \
+         batch job 4242 with 2 node(s): inside a batch job `balsam launcher` runs one launcher \
+         rank on each node of the allocation. Leave out --num-workers.\n",
+    );
+    assert!(!Path::new(&db.path.join("log/launcher-1.log")).exists());
+}
+
+#[test]
 fn the_launcher_logs_at_the_settings_level_and_rotates() {
     let db = Db::new();
     set_settings(
