@@ -1222,3 +1222,35 @@ fn a_template_that_starts_no_launcher_is_refused_before_submitting() {
     );
 }
 
+#[test]
+fn a_job_too_large_for_every_window_does_not_stop_the_service() {
+    let site = Site::new(Kind::Local);
+    site.hello_jobs(2);
+    // The local policy's window allows 2 nodes: this job fits none.
+    site.db
+        .add_job("huge", "test", "say-hello", &["--num-nodes", "600"]);
+    site.run(&["service", "--once"]).ok();
+    let launches = site.launches();
+    assert_eq!(
+        launches.len(),
+        1,
+        "{launches:?}\n{}",
+        read(&site.db.path.join("log/service.log"))
+    );
+    let reason = launches[0]["reason"].as_str().unwrap().to_string();
+    let skip = "skipping 1 job that no policy window can take (1 job of 600 nodes x 1 min; the \
+                policy's windows allow at most 2 nodes and 60 min, 2 min of which the launcher \
+                keeps free): change that job or the queue policy";
+    assert!(reason.contains(skip), "{reason}");
+    assert!(
+        reason.contains("; submitting 1 nodes x "),
+        "sized for the two others: {reason}"
+    );
+    let table = site.run(&["ls", "queues"]).ok().to_string();
+    assert!(table.contains(skip), "{table}");
+    assert!(
+        table.contains("Last service decision (") && table.contains(skip),
+        "{table}"
+    );
+    site.stop_batch_jobs();
+}
