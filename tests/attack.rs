@@ -327,6 +327,53 @@ fn an_unterminated_csv_quote_is_an_error_naming_its_line() {
 }
 
 #[test]
+fn rm_lists_what_it_would_remove_and_asks() {
+    let db = Db::new();
+    db.run(&["make_dummies", "12"]).ok();
+    // `dummy1` is part of dummy1 and dummy10, dummy11: listed, then asked; no answer, no removal.
+    let out = db.run(&["rm", "jobs", "--name", "dummy1"]);
+    let err = out.err();
+    let listed: Vec<&str> = err
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|n| n.starts_with("dummy"))
+        .collect();
+    let mut listed: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, ["dummy1", "dummy10", "dummy11"], "{err}");
+    assert!(err.starts_with("job_id "), "{err}");
+    assert!(
+        err.contains("Remove these 3 job(s) and their history? [y/n]: \n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            "balsam: error: nothing removed: not confirmed (pass --yes to remove without asking)\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(names(&db).len(), 12);
+    // "n" keeps them; "y" removes them.
+    db.run_stdin(&["rm", "jobs", "--name", "dummy1"], "n\n")
+        .err();
+    assert_eq!(names(&db).len(), 12);
+    let out = db.run_stdin(&["rm", "jobs", "--name", "dummy1"], "y\n");
+    assert_eq!(out.ok(), "Removed 3 job(s)\n");
+    assert_eq!(names(&db).len(), 9);
+    // --yes does not ask, and --force still means the same.
+    assert_eq!(
+        db.run(&["rm", "jobs", "--name", "dummy2", "--yes"]).ok(),
+        "Removed 1 job(s)\n"
+    );
+    assert_eq!(
+        db.run(&["rm", "jobs", "--name", "dummy3", "--force"]).ok(),
+        "Removed 1 job(s)\n"
+    );
+    assert_eq!(names(&db).len(), 7);
+}
+
+#[test]
 fn balsam_launcher_in_a_batch_job_refuses_workers_on_the_head_node() {
     let db = Db::new();
     let nodefile = db.tmp.path().join("nodes");
