@@ -379,7 +379,9 @@ fn balsam_launcher_in_a_batch_job_refuses_workers_on_the_head_node() {
     let nodefile = db.tmp.path().join("nodes");
     std::fs::write(&nodefile, "nid01001\nnid01002\n").unwrap();
     let mut c = db.cmd(&["launcher", "--num-workers", "2", "--consume-all"]);
-    c.env("COBALT_JOBID", "4242")
+    // A launcher started by mistake must not outlive the test.
+    c.env("MPIEXEC_TIMEOUT", "20")
+        .env("COBALT_JOBID", "4242")
         .env("COBALT_PARTNAME", "1001-1002")
         .env("COBALT_NODEFILE", &nodefile);
     let out = run_cmd(c, Duration::from_secs(30), None);
