@@ -193,7 +193,7 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "0",
                 "--yes",
             ],
-            "positive",
+            "an integer from 1 to",
         ),
         (&["job", "--app", "say-hello", "--yes"], "--name"),
         (&["ls", "--state", "DONE"], "valid states are: CREATED"),
@@ -303,10 +303,10 @@ fn ambiguous_prefix_lists_candidates() {
         .iter()
         .map(|j| j["job_id"].as_str().unwrap().to_string())
         .collect();
-    let c = ids
-        .iter()
-        .map(|i| &i[..1])
-        .find(|p| ids.iter().filter(|i| i.starts_with(*p)).count() > 1)
+    // The shortest prefix that 2 to 10 jobs share (all candidates are then listed).
+    let c = (1..36)
+        .flat_map(|len| ids.iter().map(move |i| &i[..len]))
+        .find(|p| (2..=10).contains(&ids.iter().filter(|i| i.starts_with(*p)).count()))
         .unwrap();
     let out = db.run(&["modify", c, "args", "x"]);
     let e = out.err();

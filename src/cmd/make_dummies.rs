@@ -44,7 +44,7 @@ pub fn run(ctx: &mut Ctx, a: &MakeDummiesArgs) -> Result<()> {
                 parents: vec![],
             })
             .collect();
-        ctx.store.add_jobs(&jobs, CHUNK, &mut |_| {})?;
+        ctx.store.add_jobs(&jobs, &mut |_| {})?;
     }
     println!("Added {} dummy jobs", a.num);
     Ok(())

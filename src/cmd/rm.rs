@@ -84,7 +84,7 @@ pub fn run(ctx: &mut Ctx, a: &RmArgs) -> Result<()> {
                 let j = ctx.store.job(id)?;
                 let filter = JobFilter {
                     workflow: a.wf_filter.clone(),
-                    id_prefix: Some(j.job_id.to_string()),
+                    id: Some(j.job_id.to_string()),
                     ..JobFilter::default()
                 };
                 if a.wf_filter.is_some() && ctx.store.list_jobs(&filter, 1)?.0.is_empty() {

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 
 /// Forward migrations; entry `i` takes the schema from version `i` to `i + 1`.
 /// Never edit a released entry: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE applications (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -119,7 +120,13 @@ CREATE TABLE launches (
     updated_us        INTEGER NOT NULL
 );
 CREATE INDEX launches_scheduler_id ON launches(scheduler_id);
-"#];
+"#,
+    // Version 2: a session's process identity (boot id and start time), so a launcher on the same
+    // host can tell that another launcher's process is gone and take its jobs back at once.
+    r#"
+ALTER TABLE sessions ADD COLUMN proc_id TEXT NOT NULL DEFAULT '';
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -134,22 +141,52 @@ pub struct Store {
     pub(crate) conn: Connection,
     /// The database directory.
     pub dir: DbDir,
+    /// Opened for reading only: writes are refused without touching the file.
+    read_only: bool,
+    /// The database file's (device, inode) when opened, to notice it being removed or replaced.
+    file_id: Option<(u64, u64)>,
 }
 
 impl Store {
     /// Creates a database directory and its schema.
     pub fn create(path: &Path) -> Result<Store> {
         let dir = DbDir::create_layout(path)?;
-        let mut store = Store::connect(dir, true)?;
+        let mut store = Store::connect(dir, true, false)?;
         store.migrate()?;
         Ok(store)
     }
 
     /// Opens an existing database directory, migrating an older schema forward.
     pub fn open(dir: DbDir) -> Result<Store> {
-        let mut store = Store::connect(dir, false)?;
+        let mut store = Store::connect(dir, false, false)?;
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Opens an existing database for commands that only read (`ls`, `which`, ...). It never
+    /// writes and never waits for a writer, and works for users who may only read the
+    /// directory. An older schema is migrated first when this user can write the database.
+    pub fn open_read_only(dir: DbDir) -> Result<Store> {
+        let mut store = Store::connect(dir.clone(), false, true)?;
+        let found = store.read(|tx| Ok(tx.query_row("PRAGMA user_version", [], |r| r.get(0))?))?;
+        if found == SCHEMA_VERSION {
+            return Ok(store);
+        }
+        if found > SCHEMA_VERSION {
+            return Err(Error::NewerSchema {
+                path: dir.db_file(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        drop(store);
+        Store::open(dir.clone()).map_err(|e| {
+            Error::Refused(format!(
+                "the database at {} has schema version {found} and must be upgraded to {SCHEMA_VERSION} by a user who may write it ({e})",
+                dir.root.display()
+            ))
+        })?;
+        Store::connect(dir, false, true)
     }
 
     /// Opens the active database (`--db`, then `BALSAM_DB_PATH`).
@@ -157,29 +194,57 @@ impl Store {
         Store::open(DbDir::locate(explicit)?)
     }
 
-    fn connect(dir: DbDir, create: bool) -> Result<Store> {
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    /// Opens the active database for reading only (see [`Store::open_read_only`]).
+    pub fn locate_read_only(explicit: Option<&Path>) -> Result<Store> {
+        Store::open_read_only(DbDir::locate(explicit)?)
+    }
+
+    fn connect(dir: DbDir, create: bool, read_only: bool) -> Result<Store> {
+        let mut flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
         let conn = Connection::open_with_flags(dir.db_file(), flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        // WAL lets launchers read while another process writes; NORMAL sync is durable across
-        // process crashes (the case that matters: kill -9 of a launcher) at a fraction of FULL's
-        // cost. The journal mode change itself can meet a lock, so it is retried.
-        retry_busy(|| {
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            Ok(())
-        })?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        if !read_only {
+            // WAL lets launchers read while another process writes; NORMAL sync is durable
+            // across process crashes (the case that matters: kill -9 of a launcher) at a
+            // fraction of FULL's cost. Changing the mode takes a lock, so it is done only when
+            // needed (once, on a new database) and retried.
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                retry_busy(|| {
+                    conn.pragma_update(None, "journal_mode", "WAL")?;
+                    Ok(())
+                })?;
+            }
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65536)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Store { conn, dir })
+        let file_id = file_id(&dir.db_file());
+        Ok(Store {
+            conn,
+            dir,
+            read_only,
+            file_id,
+        })
     }
 
     fn migrate(&mut self) -> Result<()> {
         let path = self.dir.db_file();
+        // Read first: a current schema needs no write lock, so opening never waits behind a
+        // writer.
+        let found: i64 =
+            self.read(|tx| Ok(tx.query_row("PRAGMA user_version", [], |r| r.get(0))?))?;
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
         self.write(|tx| {
             let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
             if found > SCHEMA_VERSION {
@@ -197,6 +262,24 @@ impl Store {
         })
     }
 
+    /// Fails when the database file this store opened was removed or replaced since (a deleted
+    /// database directory): writes would go to a file nobody will ever read again.
+    pub fn check_file(&self) -> Result<()> {
+        let path = self.dir.db_file();
+        match (self.file_id, file_id(&path)) {
+            (Some(was), Some(now)) if was == now => Ok(()),
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(Error::DatabaseGone {
+                path,
+                problem: "it was removed".into(),
+            }),
+            (Some(_), Some(_)) => Err(Error::DatabaseGone {
+                path,
+                problem: "it was replaced by another file".into(),
+            }),
+        }
+    }
+
     /// The schema version in the file.
     pub fn schema_version(&self) -> Result<i64> {
         Ok(self
@@ -207,6 +290,12 @@ impl Store {
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction, retrying the whole transaction while
     /// another process holds the write lock. `f` may run more than once.
     pub(crate) fn write<T>(&mut self, mut f: impl FnMut(&Transaction) -> Result<T>) -> Result<T> {
+        if self.read_only {
+            return Err(Error::Refused(format!(
+                "the database at {} was opened for reading only",
+                self.dir.root.display()
+            )));
+        }
         let conn = &mut self.conn;
         retry_busy(|| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -214,6 +303,33 @@ impl Store {
             tx.commit()?;
             Ok(out)
         })
+    }
+
+    /// Runs `f` once in one `BEGIN IMMEDIATE` transaction: only taking the write lock is
+    /// retried, for work that cannot be repeated (it consumes a stream). On an error the
+    /// transaction is rolled back.
+    pub(crate) fn write_once<T>(&mut self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        if self.read_only {
+            return Err(Error::Refused(format!(
+                "the database at {} was opened for reading only",
+                self.dir.root.display()
+            )));
+        }
+        let conn = &self.conn;
+        retry_busy(|| Ok(conn.execute_batch("BEGIN IMMEDIATE")?))?;
+        match f(conn) {
+            Ok(out) => match conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(out),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` in one read transaction (a consistent snapshot), retrying on a busy database.
@@ -226,6 +342,12 @@ impl Store {
             Ok(out)
         })
     }
+}
+
+/// (device, inode) of a file, if it exists.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn is_busy(e: &Error) -> bool {

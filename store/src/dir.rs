@@ -23,10 +23,12 @@ impl DbDir {
     /// Opens an existing database directory; refuses a path that holds no database.
     pub fn open(path: &Path) -> Result<DbDir> {
         let root = absolute(path)?;
-        if !root.join(DB_FILE).is_file() {
-            return Err(Error::NotADatabase(root));
+        let file = root.join(DB_FILE);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.is_file() && m.len() == 0 => Err(Error::EmptyDatabase(file)),
+            Ok(m) if m.is_file() => Ok(DbDir { root }),
+            _ => Err(Error::NotADatabase(root)),
         }
-        Ok(DbDir { root })
     }
 
     /// The active database: `explicit` (the `--db` flag) or `BALSAM_DB_PATH`.

@@ -12,6 +12,17 @@ pub enum Error {
         "no Balsam database is active.\n  Activate one with `source balsamactivate PATH`, set BALSAM_DB_PATH=PATH, or pass --db PATH.\n  Create one with `balsam init PATH`."
     )]
     NoDatabase,
+    /// The database file is empty (truncated, or created by something else).
+    #[error("{} is empty (0 bytes): not a Balsam database. It may have been truncated; restore it from a backup, or create a new database with `balsam init DIR`", .0.display())]
+    EmptyDatabase(PathBuf),
+    /// The open database file was removed or replaced.
+    #[error("the database file {} is gone: {problem}; nothing more can be recorded in it", path.display())]
+    DatabaseGone {
+        /// The file.
+        path: PathBuf,
+        /// What happened to it.
+        problem: String,
+    },
     /// The path exists but holds no Balsam database.
     #[error("{} is not a Balsam database (no {} inside). Create one with `balsam init {}`", .0.display(), crate::dir::DB_FILE, .0.display())]
     NotADatabase(PathBuf),

@@ -1,9 +1,9 @@
 //! Jobs and applications: adding (one or a million), finding by id prefix, listing, modifying,
 //! removing, dependencies and history.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use rusqlite::{params, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use uuid::Uuid;
 
 use crate::db::Store;
@@ -78,16 +78,17 @@ pub struct NewJob {
     pub parents: Vec<Uuid>,
 }
 
-/// Filters for `balsam ls`; every given filter must match.
+/// Filters for `balsam ls` and `balsam rm`; every given filter must match. Text filters are
+/// legacy Balsam's: case-insensitive substring matches.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    /// Substring of the name.
+    /// Text in the name.
     pub name: Option<String>,
-    /// Prefix of the job id.
-    pub id_prefix: Option<String>,
+    /// Hex digits in the job id (hyphens ignored).
+    pub id: Option<String>,
     /// Exact state.
     pub state: Option<State>,
-    /// Exact workflow.
+    /// Text in the workflow.
     pub workflow: Option<String>,
 }
 
@@ -150,7 +151,7 @@ fn find_by_prefix(tx: &Transaction, prefix: &str) -> Result<Job> {
     }
 }
 
-pub(crate) fn pk_of(tx: &Transaction, id: &Uuid) -> Result<Option<i64>> {
+pub(crate) fn pk_of(tx: &Connection, id: &Uuid) -> Result<Option<i64>> {
     Ok(tx
         .prepare_cached("SELECT pk FROM jobs WHERE job_id = ?1")?
         .query_row([id.as_bytes().as_slice()], |r| r.get(0))
@@ -197,20 +198,10 @@ fn reaches(tx: &Transaction, from: i64, target: i64) -> Result<bool> {
     Ok(false)
 }
 
-fn app_exists(tx: &Transaction, name: &str) -> Result<bool> {
+fn app_exists(tx: &Connection, name: &str) -> Result<bool> {
     Ok(tx
         .prepare_cached("SELECT 1 FROM applications WHERE name = ?1")?
         .exists([name])?)
-}
-
-fn check_apps<'a>(tx: &Transaction, names: impl Iterator<Item = &'a str>) -> Result<()> {
-    let mut seen = HashSet::new();
-    for name in names {
-        if seen.insert(name) && !app_exists(tx, name)? {
-            return Err(Error::UnknownApp(name.to_string()));
-        }
-    }
-    Ok(())
 }
 
 fn app_from_row(r: &Row) -> rusqlite::Result<Application> {
@@ -235,19 +226,31 @@ fn filter_sql(f: &JobFilter) -> Result<(String, Vec<rusqlite::types::Value>)> {
         clauses.push("state = ?".to_string());
         args.push(V::Integer(s.code()));
     }
+    // SQLite's lower() folds ASCII only; names and workflows are mostly ASCII, and a
+    // non-ASCII filter still matches its exact case.
     if let Some(w) = &f.workflow {
-        clauses.push("workflow = ?".to_string());
+        clauses.push("instr(lower(workflow), lower(?)) > 0".to_string());
         args.push(V::Text(w.clone()));
     }
     if let Some(n) = &f.name {
-        clauses.push("instr(name, ?) > 0".to_string());
+        clauses.push("instr(lower(name), lower(?)) > 0".to_string());
         args.push(V::Text(n.clone()));
     }
-    if let Some(p) = &f.id_prefix {
-        let (lo, hi) = prefix_range(p)?;
-        clauses.push("job_id BETWEEN ? AND ?".to_string());
-        args.push(V::Blob(lo));
-        args.push(V::Blob(hi));
+    if let Some(p) = &f.id {
+        let hex: String = p
+            .chars()
+            .filter(|c| *c != '-')
+            .collect::<String>()
+            .to_lowercase();
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::BadValue {
+                field: "id".into(),
+                value: p.clone(),
+                expected: "hexadecimal digits of a job id, e.g. 7df86c8b".into(),
+            });
+        }
+        clauses.push("instr(lower(hex(job_id)), ?) > 0".to_string());
+        args.push(V::Text(hex));
     }
     let sql = if clauses.is_empty() {
         String::new()
@@ -257,39 +260,184 @@ fn filter_sql(f: &JobFilter) -> Result<(String, Vec<rusqlite::types::Value>)> {
     Ok((sql, args))
 }
 
-fn validate_spec(spec: &JobSpec) -> Result<()> {
+/// Checks a job's fields by the same rules as the field table ([`fields::FIELDS`]), on the
+/// typed values (an import checks a million jobs: no text round trip).
+pub(crate) fn validate_spec(spec: &JobSpec) -> Result<()> {
+    let bad = |field: &str, value: String, expected: &str| Error::BadValue {
+        field: field.into(),
+        value,
+        expected: expected.into(),
+    };
     if spec.application.is_empty() {
-        return Err(Error::BadValue {
-            field: "application".into(),
-            value: String::new(),
-            expected: "the name of a registered application (see `balsam ls apps`)".into(),
-        });
+        return Err(bad(
+            "application",
+            String::new(),
+            "the name of a registered application (see `balsam ls apps`)",
+        ));
     }
     if spec.name.is_empty() {
-        return Err(Error::BadValue {
-            field: "name".into(),
-            value: String::new(),
-            expected: "a non-empty job name".into(),
-        });
+        return Err(bad("name", String::new(), "a non-empty job name"));
     }
-    // Every field goes through its parser once so a spec built in code obeys the same rules
-    // as one typed by a user.
-    for f in fields::FIELDS {
-        if f.name == "data" {
-            continue;
+    let ints = [
+        ("wall_time_minutes", spec.wall_time_minutes),
+        ("num_nodes", spec.num_nodes),
+        ("coschedule_num_nodes", spec.coschedule_num_nodes),
+        ("ranks_per_node", spec.ranks_per_node),
+        ("threads_per_rank", spec.threads_per_rank),
+        ("threads_per_core", spec.threads_per_core),
+        ("node_packing_count", spec.node_packing_count),
+        ("max_restarts", spec.max_restarts),
+    ];
+    for (name, v) in ints {
+        let f = fields::field(name)?;
+        if v > f.max || (f.kind == fields::Kind::Positive && v == 0) {
+            f.parse_str(&v.to_string())?;
         }
-        if let Some(text) = fields::get_text(spec, f.name) {
-            f.parse_str(&text)?;
+    }
+    if spec.num_nodes as u64 + spec.coschedule_num_nodes as u64 > fields::MAX_NODES as u64 {
+        return Err(bad(
+            "coschedule_num_nodes",
+            spec.coschedule_num_nodes.to_string(),
+            &format!(
+                "with num_nodes {}, at most {} nodes in all",
+                spec.num_nodes,
+                fields::MAX_NODES
+            ),
+        ));
+    }
+    if !matches!(spec.cpu_affinity.as_str(), "none" | "depth") {
+        fields::field("cpu_affinity")?.parse_str(&spec.cpu_affinity)?;
+    }
+    if !fields::valid_environ(&spec.environ_vars) {
+        fields::field("environ_vars")?.parse_str(&spec.environ_vars)?;
+    }
+    for (name, text) in [("args", &spec.args), ("mpi_flags", &spec.mpi_flags)] {
+        if text.contains(['\'', '"', '\\']) {
+            fields::field(name)?.parse_str(text)?;
         }
     }
     if !spec.data.is_object() {
-        return Err(Error::BadValue {
-            field: "data".into(),
-            value: spec.data.to_string(),
-            expected: "a JSON object".into(),
-        });
+        return Err(bad("data", spec.data.to_string(), "a JSON object"));
     }
     Ok(())
+}
+
+/// One job of a bulk import, with where it came from (for error messages).
+#[derive(Debug, Clone)]
+pub struct ImportLine {
+    /// Line (or record) number in the source, 1-based.
+    pub line: usize,
+    /// The job.
+    pub job: NewJob,
+}
+
+/// The insert of one job's row: shared by every way of adding jobs.
+const INSERT_JOB: &str =
+    "INSERT INTO jobs (job_id, workflow, name, description, input_files, stage_in_url, \
+     stage_out_files, stage_out_url, wall_time_minutes, num_nodes, coschedule_num_nodes, \
+     ranks_per_node, cpu_affinity, threads_per_rank, threads_per_core, node_packing_count, \
+     environ_vars, mpi_flags, application, args, user_workdir, wait_for_parents, \
+     post_error_handler, post_timeout_handler, auto_timeout_retry, max_restarts, data, state) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
+
+/// Inserts jobs from `lines` inside `tx`, checking each as it comes: fields, application,
+/// parents (in the database, or earlier in the same import: both are visible inside the
+/// transaction), and that a chosen id is new. The first problem is returned, naming its line.
+fn insert_lines(
+    tx: &Connection,
+    source: &str,
+    lines: &mut dyn Iterator<Item = Result<ImportLine>>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<i64>> {
+    let now = now_us();
+    let mut ins = tx.prepare_cached(INSERT_JOB)?;
+    let mut ev = tx.prepare_cached(
+        "INSERT INTO events (job, time_us, from_state, to_state, message) VALUES (?1, ?2, NULL, ?3, '')",
+    )?;
+    let mut dep =
+        tx.prepare_cached("INSERT OR IGNORE INTO deps (parent, child) VALUES (?1, ?2)")?;
+    let mut apps_ok: HashSet<String> = HashSet::new();
+    let mut pks = Vec::new();
+    for item in lines {
+        let ImportLine { line, job: j } = item?;
+        let at = |e: Error| Error::BadLine {
+            file: source.to_string(),
+            line,
+            source: Box::new(e),
+        };
+        let s = &j.spec;
+        validate_spec(s).map_err(at)?;
+        if !apps_ok.contains(&s.application) {
+            if !app_exists(tx, &s.application)? {
+                return Err(at(Error::UnknownApp(s.application.clone())));
+            }
+            apps_ok.insert(s.application.clone());
+        }
+        let id = match j.job_id {
+            Some(id) => {
+                if pk_of(tx, &id)?.is_some() {
+                    return Err(at(Error::Refused(format!(
+                        "job_id {id} is already in the database (or earlier in {source})"
+                    ))));
+                }
+                id
+            }
+            None => crate::model::new_job_id(),
+        };
+        let mut parent_pks = Vec::with_capacity(j.parents.len());
+        for p in &j.parents {
+            match pk_of(tx, p)? {
+                Some(pk) => parent_pks.push(pk),
+                None => {
+                    return Err(at(Error::Refused(format!(
+                        "parent {p} is neither in the database nor earlier in {source}"
+                    ))))
+                }
+            }
+        }
+        ins.execute(params![
+            id.as_bytes().as_slice(),
+            s.workflow,
+            s.name,
+            s.description,
+            s.input_files,
+            s.stage_in_url,
+            s.stage_out_files,
+            s.stage_out_url,
+            s.wall_time_minutes,
+            s.num_nodes,
+            s.coschedule_num_nodes,
+            s.ranks_per_node,
+            s.cpu_affinity,
+            s.threads_per_rank,
+            s.threads_per_core,
+            s.node_packing_count,
+            s.environ_vars,
+            s.mpi_flags,
+            s.application,
+            s.args,
+            s.user_workdir,
+            s.wait_for_parents,
+            s.post_error_handler,
+            s.post_timeout_handler,
+            s.auto_timeout_retry,
+            s.max_restarts,
+            s.data.to_string(),
+            State::Created.code()
+        ])?;
+        let pk = tx.last_insert_rowid();
+        ev.execute(params![pk, now, State::Created.code()])?;
+        for ppk in parent_pks {
+            dep.execute(params![ppk, pk])?;
+        }
+        pks.push(pk);
+        if pks.len() % 10_000 == 0 {
+            progress(pks.len());
+        }
+    }
+    progress(pks.len());
+    Ok(pks)
 }
 
 impl Store {
@@ -336,6 +484,78 @@ impl Store {
         })
     }
 
+    /// Changes one field of an application (legacy's `modify --type apps`): `name`,
+    /// `description`, `executable`, `preprocess`, `postprocess` or `envscript`. A new name must
+    /// be free; the application's jobs follow it.
+    pub fn modify_app(&mut self, name: &str, field: &str, value: &str) -> Result<Application> {
+        const APP_FIELDS: [&str; 6] = [
+            "name",
+            "description",
+            "executable",
+            "preprocess",
+            "postprocess",
+            "envscript",
+        ];
+        let Some(column) = APP_FIELDS.iter().find(|f| **f == field) else {
+            return Err(Error::BadValue {
+                field: "field".into(),
+                value: field.into(),
+                expected: format!("an application field: {}", APP_FIELDS.join(", ")),
+            });
+        };
+        let words_ok = |what: &str| -> Result<()> {
+            shell_words::split(value)
+                .map(|_| ())
+                .map_err(|e| Error::BadValue {
+                    field: what.into(),
+                    value: value.into(),
+                    expected: format!("a command line with balanced quotes ({e})"),
+                })
+        };
+        match *column {
+            "name" if value.trim().is_empty() => {
+                return Err(Error::Refused(
+                    "an application needs a non-empty name".into(),
+                ))
+            }
+            "executable" if value.trim().is_empty() => {
+                return Err(Error::Refused(
+                    "an application needs a non-empty executable".into(),
+                ))
+            }
+            "executable" | "preprocess" | "postprocess" => words_ok(column)?,
+            _ => {}
+        }
+        self.write(|tx| {
+            let app = tx
+                .prepare_cached(&format!(
+                    "SELECT {APP_COLS} FROM applications WHERE name = ?1"
+                ))?
+                .query_row([name], app_from_row)
+                .optional()?
+                .ok_or_else(|| Error::UnknownApp(name.to_string()))?;
+            if *column == "name" && value != app.name {
+                if app_exists(tx, value)? {
+                    return Err(Error::DuplicateApp(value.to_string()));
+                }
+                tx.execute(
+                    "UPDATE jobs SET application = ?1 WHERE application = ?2",
+                    [value, name],
+                )?;
+            }
+            // `column` comes from the fixed list above, never from the user's text.
+            tx.execute(
+                &format!("UPDATE applications SET {column} = ?1 WHERE id = ?2"),
+                params![value, app.id],
+            )?;
+            Ok(tx
+                .prepare_cached(&format!(
+                    "SELECT {APP_COLS} FROM applications WHERE id = ?1"
+                ))?
+                .query_row([app.id], app_from_row)?)
+        })
+    }
+
     /// Removes applications by name (or all); refuses while jobs use them unless `force`.
     pub fn remove_apps(&mut self, names: Option<&[String]>, force: bool) -> Result<Vec<String>> {
         self.write(|tx| {
@@ -372,115 +592,46 @@ impl Store {
 
     /// Adds one job (CREATED, with its creation event). Checks its application and parents.
     pub fn add_job(&mut self, job: &NewJob) -> Result<Job> {
-        let pk = self.add_jobs(std::slice::from_ref(job), 1, &mut |_| {})?[0];
+        let pk = self.add_jobs(std::slice::from_ref(job), &mut |_| {})?[0];
         self.job_by_pk(pk)
     }
 
-    /// Adds many jobs in batched transactions of `batch` rows, calling `progress` with the count
-    /// done after each batch. Everything is checked before the first insert: a bad job,
-    /// unknown application, unknown parent or duplicate id inserts nothing.
+    /// Adds many jobs in one transaction: a bad job, unknown application, unknown parent or
+    /// duplicate id inserts nothing. `progress` hears the count done now and then.
     pub fn add_jobs(
         &mut self,
         jobs: &[NewJob],
-        batch: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<i64>> {
-        for (i, j) in jobs.iter().enumerate() {
-            validate_spec(&j.spec).map_err(|e| batch_err(jobs.len(), i, e))?;
-        }
-        let mut ids_here = HashSet::with_capacity(jobs.len());
-        let mut ids: Vec<Uuid> = Vec::with_capacity(jobs.len());
-        for (i, j) in jobs.iter().enumerate() {
-            let id = j.job_id.unwrap_or_else(Uuid::new_v4);
-            if !ids_here.insert(id) {
-                return Err(batch_err(
-                    jobs.len(),
-                    i,
-                    Error::Refused(format!("job_id {id} appears twice")),
-                ));
-            }
-            ids.push(id);
-        }
-        self.read(|tx| {
-            check_apps(tx, jobs.iter().map(|j| j.spec.application.as_str()))?;
-            for (i, (j, id)) in jobs.iter().zip(&ids).enumerate() {
-                if j.job_id.is_some() && pk_of(tx, id)?.is_some() {
-                    return Err(batch_err(
-                        jobs.len(),
-                        i,
-                        Error::Refused(format!("job_id {id} is already in the database")),
-                    ));
-                }
-                for p in &j.parents {
-                    let earlier = ids[..i].contains(p);
-                    if !earlier && pk_of(tx, p)?.is_none() {
-                        return Err(batch_err(
-                            jobs.len(),
-                            i,
-                            Error::Refused(format!(
-                                "parent {p} is neither in the database nor earlier in the file"
-                            )),
-                        ));
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        let mut pks: Vec<i64> = Vec::with_capacity(jobs.len());
-        let mut local: HashMap<Uuid, i64> = HashMap::new();
-        let keep_map = jobs.iter().any(|j| !j.parents.is_empty());
-        for (chunk_no, chunk) in jobs.chunks(batch.max(1)).enumerate() {
-            let base = chunk_no * batch.max(1);
-            let new_pks = self.write(|tx| {
-                let now = now_us();
-                let mut ins = tx.prepare_cached(
-                    "INSERT INTO jobs (job_id, workflow, name, description, input_files, stage_in_url, \
-                     stage_out_files, stage_out_url, wall_time_minutes, num_nodes, coschedule_num_nodes, \
-                     ranks_per_node, cpu_affinity, threads_per_rank, threads_per_core, node_packing_count, \
-                     environ_vars, mpi_flags, application, args, user_workdir, wait_for_parents, \
-                     post_error_handler, post_timeout_handler, auto_timeout_retry, max_restarts, data, state) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
-                )?;
-                let mut ev = tx.prepare_cached(
-                    "INSERT INTO events (job, time_us, from_state, to_state, message) VALUES (?1, ?2, NULL, ?3, '')",
-                )?;
-                let mut dep = tx.prepare_cached("INSERT OR IGNORE INTO deps (parent, child) VALUES (?1, ?2)")?;
-                let mut out = Vec::with_capacity(chunk.len());
-                for (k, j) in chunk.iter().enumerate() {
-                    let s = &j.spec;
-                    let id = ids[base + k];
-                    ins.execute(params![
-                        id.as_bytes().as_slice(), s.workflow, s.name, s.description, s.input_files,
-                        s.stage_in_url, s.stage_out_files, s.stage_out_url, s.wall_time_minutes,
-                        s.num_nodes, s.coschedule_num_nodes, s.ranks_per_node, s.cpu_affinity,
-                        s.threads_per_rank, s.threads_per_core, s.node_packing_count, s.environ_vars,
-                        s.mpi_flags, s.application, s.args, s.user_workdir, s.wait_for_parents,
-                        s.post_error_handler, s.post_timeout_handler, s.auto_timeout_retry,
-                        s.max_restarts, s.data.to_string(), State::Created.code()
-                    ])?;
-                    let pk = tx.last_insert_rowid();
-                    ev.execute(params![pk, now, State::Created.code()])?;
-                    for p in &j.parents {
-                        let ppk = match local.get(p) {
-                            Some(pk) => *pk,
-                            None => pk_of(tx, p)?.ok_or_else(|| Error::UnknownJob(p.to_string()))?,
-                        };
-                        dep.execute(params![ppk, pk])?;
-                    }
-                    out.push(pk);
-                }
-                Ok(out)
-            })?;
-            if keep_map {
-                for (k, pk) in new_pks.iter().enumerate() {
-                    local.insert(ids[base + k], *pk);
-                }
-            }
-            pks.extend(new_pks);
-            progress(pks.len());
-        }
-        Ok(pks)
+        let total = jobs.len();
+        let mut lines = jobs.iter().enumerate().map(|(i, j)| {
+            Ok(ImportLine {
+                line: i + 1,
+                job: j.clone(),
+            })
+        });
+        self.import_jobs("(jobs)", &mut lines, progress)
+            .map_err(|e| match e {
+                // One job: its own error, without a line number.
+                Error::BadLine { source, .. } if total == 1 => *source,
+                other => other,
+            })
+    }
+
+    /// Bulk import: reads `lines` once, as they come (a pipe works), and inserts every job in
+    /// one transaction. The first bad line (its fields, an unknown application or parent, an
+    /// id already present) is returned as [`Error::BadLine`] naming `source` and the line, and
+    /// nothing is inserted; a crash halfway inserts nothing either. New jobs get time-ordered
+    /// ids (UUID v7), so the id index grows at its end. Returns the new jobs' row numbers.
+    pub fn import_jobs(
+        &mut self,
+        source: &str,
+        lines: &mut dyn Iterator<Item = Result<ImportLine>>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<i64>> {
+        // The lines can be read only once, so the transaction is never run twice: only taking
+        // the write lock is retried.
+        self.write_once(|tx| insert_lines(tx, source, lines, progress))
     }
 
     /// The job with this id or unique id prefix.
@@ -735,17 +886,5 @@ impl Store {
     /// Resolves several children edges at once: used by callers that just changed states.
     pub fn recheck_children(&mut self, pk: i64) -> Result<()> {
         self.write(|tx| resolve_children(tx, pk))
-    }
-}
-
-fn batch_err(total: usize, index: usize, e: Error) -> Error {
-    if total == 1 {
-        e
-    } else {
-        Error::BadLine {
-            file: "(jobs)".into(),
-            line: index + 1,
-            source: Box::new(e),
-        }
     }
 }

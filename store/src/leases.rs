@@ -15,6 +15,16 @@ use crate::lifecycle::{apply_one, Transition};
 use crate::model::{format_time_us, now_us, Job, Session, SessionInfo};
 use crate::state::{State, PROCESSABLE_STATES, RUNNABLE_STATES};
 
+/// State codes of every state but the end states, for SQL.
+fn live_codes() -> String {
+    crate::state::ALL_STATES
+        .iter()
+        .filter(|s| !s.is_end())
+        .map(|s| s.code().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Which jobs a lease may take.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseFilter {
@@ -53,6 +63,40 @@ pub struct WorkShape {
     pub count: u64,
 }
 
+/// Runnable jobs of one shape that no launcher holds: what a launcher that can run none of
+/// them explains on its stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnableGroup {
+    /// Nodes each job needs (num_nodes + coschedule_num_nodes).
+    pub nodes_needed: u32,
+    /// One node and one rank: a job for the serial task farm.
+    pub serial: bool,
+    /// Each job's wall time, minutes.
+    pub wall_time_minutes: u32,
+    /// How many jobs of this shape.
+    pub count: u64,
+    /// One of them, `[name | id8]`.
+    pub example: String,
+}
+
+/// What could still arrive for a launcher: the facts its idle-exit decision needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outlook {
+    /// Runnable jobs of the filter that no session holds.
+    pub runnable_free: u64,
+    /// Processable jobs (on their way to runnable, or to their end state after a run) that no
+    /// session holds; AWAITING_PARENTS not included.
+    pub processable_free: u64,
+    /// Jobs of the filter waiting for their parents.
+    pub awaiting_parents: u64,
+    /// Jobs of the filter, in any state but an end state, held by other live sessions.
+    pub held_by_others: u64,
+    /// Those sessions.
+    pub others: Vec<Session>,
+    /// Whether a service session is live (it runs transitions and submits launchers).
+    pub service_live: bool,
+}
+
 /// A session that fell silent and was expired.
 #[derive(Debug, Clone)]
 pub struct Expired {
@@ -76,11 +120,12 @@ fn session_from_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
         started_us: r.get(7)?,
         heartbeat_us: r.get(8)?,
         ended_us: r.get(9)?,
+        proc_id: r.get(10)?,
     })
 }
 
-const SESSION_COLS: &str =
-    "id, kind, host, pid, batch_job_id, job_mode, wf_filter, started_us, heartbeat_us, ended_us";
+const SESSION_COLS: &str = "id, kind, host, pid, batch_job_id, job_mode, wf_filter, started_us, \
+     heartbeat_us, ended_us, proc_id";
 
 fn live_session(tx: &Transaction, id: i64) -> Result<Session> {
     let s = tx
@@ -96,24 +141,41 @@ fn live_session(tx: &Transaction, id: i64) -> Result<Session> {
     Ok(s)
 }
 
-fn end_session_tx(tx: &Transaction, s: &Session, expired: bool) -> Result<(usize, usize)> {
+/// Why a session is ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// It ended itself.
+    Clean,
+    /// It fell silent for longer than the expiry.
+    Silent,
+    /// Its process is gone (seen from the same host).
+    ProcessGone,
+}
+
+fn end_session_tx(tx: &Transaction, s: &Session, why: Ending) -> Result<(usize, usize)> {
     let running: Vec<i64> = tx
         .prepare_cached("SELECT pk FROM jobs WHERE lease_session = ?1 AND state = ?2")?
         .query_map(params![s.id, State::Running.code()], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let msg = if expired {
-        format!(
+    let msg = match why {
+        Ending::Silent => format!(
             "launcher session {} ({}:{}) silent since {}; lease expired",
             s.id,
             s.host,
             s.pid,
             format_time_us(s.heartbeat_us)
-        )
-    } else {
-        format!(
+        ),
+        Ending::ProcessGone => format!(
+            "launcher session {} ({}:{}): its process is gone (last heartbeat {}); lease ended",
+            s.id,
+            s.host,
+            s.pid,
+            format_time_us(s.heartbeat_us)
+        ),
+        Ending::Clean => format!(
             "launcher session {} ({}:{}) ended while it ran",
             s.id, s.host, s.pid
-        )
+        ),
     };
     for pk in &running {
         apply_one(
@@ -138,10 +200,17 @@ impl Store {
     pub fn start_session(&mut self, info: &SessionInfo) -> Result<i64> {
         self.write(|tx| {
             let now = now_us();
+            // The identity is of the calling process: sessions are started by the process that
+            // holds them (a launcher's rank 0, the service).
+            let proc_id = if info.pid == std::process::id() as i64 {
+                crate::procid::this_process()
+            } else {
+                crate::procid::process(info.pid).unwrap_or_default()
+            };
             tx.execute(
-                "INSERT INTO sessions (kind, host, pid, batch_job_id, job_mode, wf_filter, started_us, heartbeat_us) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![info.kind, info.host, info.pid, info.batch_job_id, info.job_mode, info.wf_filter, now],
+                "INSERT INTO sessions (kind, host, pid, batch_job_id, job_mode, wf_filter, started_us, heartbeat_us, proc_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                params![info.kind, info.host, info.pid, info.batch_job_id, info.job_mode, info.wf_filter, now, proc_id],
             )?;
             Ok(tx.last_insert_rowid())
         })
@@ -234,7 +303,7 @@ impl Store {
     /// released. A launcher calls this after marking its own jobs on the way out.
     pub fn end_session(&mut self, session: i64) -> Result<(usize, usize)> {
         self.write(|tx| match live_session(tx, session) {
-            Ok(s) => end_session_tx(tx, &s, false),
+            Ok(s) => end_session_tx(tx, &s, Ending::Clean),
             Err(Error::SessionEnded(_)) => Ok((0, 0)),
             Err(e) => Err(e),
         })
@@ -252,9 +321,175 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::new();
             for s in stale {
-                let (restarted, released) = end_session_tx(tx, &s, true)?;
+                let (restarted, released) = end_session_tx(tx, &s, Ending::Silent)?;
                 out.push(Expired { session: s, restarted, released });
             }
+            Ok(out)
+        })
+    }
+
+    /// Ends at once every live session on `this_host` whose process is gone (see
+    /// [`crate::procid`]): a launcher killed with kill -9 gives its jobs back without waiting
+    /// for the expiry. Sessions of other hosts, or without a recorded identity, are left to
+    /// [`Store::expire_sessions`].
+    pub fn expire_dead_sessions(&mut self, this_host: &str) -> Result<Vec<Expired>> {
+        let candidates: Vec<Session> = self.read(|tx| {
+            Ok(tx
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE ended_us IS NULL AND host = ?1 AND proc_id != ''"
+                ))?
+                .query_map([this_host], session_from_row)?
+                .collect::<rusqlite::Result<_>>()?)
+        })?;
+        let dead: Vec<i64> = candidates
+            .iter()
+            .filter(|s| crate::procid::is_gone(s.pid, &s.proc_id))
+            .map(|s| s.id)
+            .collect();
+        if dead.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| {
+            let mut out = Vec::new();
+            for id in &dead {
+                // It may have been ended meanwhile (by itself or another launcher).
+                let s = match live_session(tx, *id) {
+                    Ok(s) => s,
+                    Err(Error::SessionEnded(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                let (restarted, released) = end_session_tx(tx, &s, Ending::ProcessGone)?;
+                out.push(Expired {
+                    session: s,
+                    restarted,
+                    released,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every job `session` leases, with its state now: a launcher compares it with what it
+    /// holds to find jobs removed (`balsam rm`) or changed (`balsam modify`, `killjob`) by
+    /// users meanwhile.
+    pub fn lease_states(&mut self, session: i64) -> Result<Vec<(i64, State)>> {
+        self.read(|tx| {
+            let rows: Vec<(i64, i64)> = tx
+                .prepare_cached("SELECT pk, state FROM jobs WHERE lease_session = ?1")?
+                .query_map([session], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|(pk, s)| Ok((pk, State::from_code(s)?)))
+                .collect()
+        })
+    }
+
+    /// Runnable jobs of a workflow filter that no session holds, grouped by shape, each group
+    /// with an example job.
+    pub fn runnable_overview(&mut self, wf_filter: &str) -> Result<Vec<RunnableGroup>> {
+        let states: Vec<String> = RUNNABLE_STATES
+            .iter()
+            .map(|s| s.code().to_string())
+            .collect();
+        let mut sql = format!(
+            "SELECT num_nodes + coschedule_num_nodes, num_nodes = 1 AND ranks_per_node = 1, \
+             wall_time_minutes, count(*), min(pk) FROM jobs \
+             WHERE state IN ({}) AND lease_session IS NULL",
+            states.join(",")
+        );
+        if !wf_filter.is_empty() {
+            sql.push_str(" AND instr(workflow, ?1) > 0");
+        }
+        sql.push_str(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let row = |r: &rusqlite::Row| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, u64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            };
+            let rows: Vec<(u32, bool, u32, u64, i64)> = if wf_filter.is_empty() {
+                stmt.query_map([], row)?.collect::<rusqlite::Result<_>>()?
+            } else {
+                stmt.query_map([wf_filter], row)?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            rows.into_iter()
+                .map(|(nodes_needed, serial, wall_time_minutes, count, pk)| {
+                    Ok(RunnableGroup {
+                        nodes_needed,
+                        serial,
+                        wall_time_minutes,
+                        count,
+                        example: crate::jobs::get_job(tx, pk)?.cute_id(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// What could still arrive for `session`, a launcher with workflow filter `wf_filter`.
+    pub fn work_outlook(&mut self, session: i64, wf_filter: &str) -> Result<Outlook> {
+        let wf_cond = if wf_filter.is_empty() {
+            ""
+        } else {
+            " AND instr(workflow, ?2) > 0"
+        };
+        let counts_sql = format!(
+            "SELECT state, count(*) FROM jobs WHERE lease_session IS NULL AND ?1 = ?1{wf_cond} \
+             AND state IN ({}) GROUP BY state",
+            live_codes()
+        );
+        let held_sql = format!(
+            "SELECT lease_session, count(*) FROM jobs WHERE lease_session IS NOT NULL \
+             AND lease_session != ?1{wf_cond} GROUP BY lease_session"
+        );
+        self.read(|tx| {
+            let mut out = Outlook::default();
+            let mut counts = tx.prepare_cached(&counts_sql)?;
+            let count_row = |r: &rusqlite::Row| Ok((r.get::<_, i64>(0)?, r.get::<_, u64>(1)?));
+            let rows: Vec<(i64, u64)> = if wf_filter.is_empty() {
+                counts.query_map([session], count_row)?.collect::<rusqlite::Result<_>>()?
+            } else {
+                counts
+                    .query_map(params![session, wf_filter], count_row)?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            for (code, n) in rows {
+                let st = State::from_code(code)?;
+                if st.is_runnable() {
+                    out.runnable_free += n;
+                } else if st == State::AwaitingParents {
+                    out.awaiting_parents += n;
+                } else if st.is_processable() {
+                    out.processable_free += n;
+                }
+            }
+            let mut held = tx.prepare_cached(&held_sql)?;
+            let held_rows: Vec<(i64, u64)> = if wf_filter.is_empty() {
+                held.query_map([session], count_row)?.collect::<rusqlite::Result<_>>()?
+            } else {
+                held.query_map(params![session, wf_filter], count_row)?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            let mut get = tx.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1 AND ended_us IS NULL"
+            ))?;
+            for (sid, n) in held_rows {
+                if let Some(s) = get.query_row([sid], session_from_row).optional()? {
+                    out.held_by_others += n;
+                    out.others.push(s);
+                }
+            }
+            out.service_live = tx
+                .prepare_cached(
+                    "SELECT 1 FROM sessions WHERE ended_us IS NULL AND kind = 'service' AND id != ?1",
+                )?
+                .exists([session])?;
             Ok(out)
         })
     }

@@ -2,10 +2,10 @@
 //! event. Changes are compare-and-set on the state (and the lease, for launchers), so a user's
 //! `killjob` or a script's `modify` that lands first always stands.
 
-use rusqlite::{params, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::db::Store;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::jobs::{get_job, insert_event};
 use crate::model::Job;
 use crate::state::{check_transition, Actor, State};
@@ -51,6 +51,18 @@ pub enum Outcome {
     Applied(State),
     /// The job was not in the expected state (or no longer this session's); nothing changed.
     Conflict(State),
+    /// The job no longer exists (a user removed it); nothing changed.
+    Gone,
+}
+
+/// Whether a user's move to RESTART_READY counts toward the job's `max_restarts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartCount {
+    /// A script (an error handler, a workflow driver) sends the job back: it counts, so a
+    /// handler that always restarts cannot loop forever.
+    Count,
+    /// A person at a terminal resets the job on purpose: the count starts again from zero.
+    Reset,
 }
 
 /// Applies a system transition inside `tx`. `session`: when given, the job must still be leased
@@ -67,7 +79,7 @@ pub(crate) fn apply_one(tx: &Transaction, t: &Transition, session: Option<i64>) 
             e => Err(e),
         })?;
     let Some((code, lease, restarts, max_restarts)) = row else {
-        return Err(Error::UnknownJob(format!("#{}", t.pk)));
+        return Ok(Outcome::Gone);
     };
     let current = State::from_code(code)?;
     if current != t.from || (session.is_some() && lease != session) {
@@ -159,7 +171,7 @@ pub(crate) fn resolve_parents(
     let out = apply_one(tx, &crate::Transition::new(pk, job.state, to, msg), None)?;
     Ok(match out {
         Outcome::Applied(s) => Some(s),
-        Outcome::Conflict(_) => None,
+        Outcome::Conflict(_) | Outcome::Gone => None,
     })
 }
 
@@ -196,8 +208,16 @@ impl Store {
     }
 
     /// A user's state change (`balsam modify ID state S`): any state but out of USER_KILLED,
-    /// recorded as "User mutated state from command line".
-    pub fn set_state_by_user(&mut self, pk: i64, to: State, note: &str) -> Result<Job> {
+    /// recorded as "User mutated state from command line". A move to RESTART_READY of a job
+    /// that has run counts toward `max_restarts` with [`RestartCount::Count`] (FAILED past the
+    /// bound, as for the system's restarts); [`RestartCount::Reset`] starts the count again.
+    pub fn set_state_by_user(
+        &mut self,
+        pk: i64,
+        to: State,
+        note: &str,
+        count: RestartCount,
+    ) -> Result<Job> {
         self.write(|tx| {
             let job = get_job(tx, pk)?;
             check_transition(job.state, to, Actor::User)?;
@@ -205,9 +225,34 @@ impl Store {
             if !note.is_empty() {
                 msg = format!("{msg}: {note}");
             }
+            let (mut to, mut restarts) = (to, job.num_restarts);
+            if to == State::RestartReady {
+                match count {
+                    RestartCount::Reset => {
+                        if restarts > 0 {
+                            msg.push_str(&format!(
+                                " (restart count reset from {restarts} to 0)"
+                            ));
+                        }
+                        restarts = 0;
+                    }
+                    RestartCount::Count if has_run(job.state) => {
+                        restarts += 1;
+                        if restarts > job.spec.max_restarts {
+                            to = State::Failed;
+                            restarts -= 1;
+                            msg = format!(
+                                "restart limit reached: {} restarts allowed (max_restarts); not restarted after: {msg}",
+                                job.spec.max_restarts
+                            );
+                        }
+                    }
+                    RestartCount::Count => {}
+                }
+            }
             tx.execute(
-                "UPDATE jobs SET state = ?1 WHERE pk = ?2",
-                params![to.code(), pk],
+                "UPDATE jobs SET state = ?1, num_restarts = ?2 WHERE pk = ?3",
+                params![to.code(), restarts, pk],
             )?;
             insert_event(tx, pk, Some(job.state), to, &msg)?;
             if to.is_end() {
@@ -219,10 +264,34 @@ impl Store {
         })
     }
 
+    /// Adds a line to a job's history without changing its state (e.g. when the process of a
+    /// killed job actually died). `session`: the launcher writing it, if any, named in the
+    /// line's place in the log. A note for a job that no longer exists is dropped: returns
+    /// whether it was written.
+    pub fn note(&mut self, pk: i64, session: Option<i64>, message: &str) -> Result<bool> {
+        self.write(|tx| {
+            let state: Option<i64> = tx
+                .prepare_cached("SELECT state FROM jobs WHERE pk = ?1")?
+                .query_row([pk], |r| r.get(0))
+                .optional()?;
+            let Some(code) = state else {
+                return Ok(false);
+            };
+            let st = State::from_code(code)?;
+            let msg = match session {
+                Some(s) => format!("{message} (launcher session {s})"),
+                None => message.to_string(),
+            };
+            insert_event(tx, pk, Some(st), st, &msg)?;
+            Ok(true)
+        })
+    }
+
     /// `balsam killjob`: USER_KILLED for the job (and its descendants with `recursive`).
     /// Jobs already in an end state are left alone. Returns the killed jobs.
     pub fn kill(&mut self, pk: i64, recursive: bool) -> Result<Vec<Job>> {
         self.write(|tx| {
+            let root_id8 = get_job(tx, pk)?.id8();
             let mut order = vec![pk];
             if recursive {
                 let mut kids = tx.prepare_cached("SELECT child FROM deps WHERE parent = ?1")?;
@@ -239,7 +308,10 @@ impl Store {
                     i += 1;
                 }
             }
-            let mut killed = Vec::new();
+            // Every job is marked first, and only then are children resolved: a descendant
+            // must end USER_KILLED like the job itself, not FAILED because its parent was
+            // killed a moment earlier.
+            let mut killed_pks = Vec::new();
             for p in order {
                 let job = get_job(tx, p)?;
                 if job.state.is_end() {
@@ -250,17 +322,38 @@ impl Store {
                     "UPDATE jobs SET state = ?1 WHERE pk = ?2",
                     params![State::UserKilled.code(), p],
                 )?;
-                insert_event(
-                    tx,
-                    p,
-                    Some(job.state),
-                    State::UserKilled,
-                    "Killed by user (balsam killjob)",
-                )?;
+                let msg = if p == pk {
+                    "Killed by user (balsam killjob)".to_string()
+                } else {
+                    format!(
+                        "Killed by user with its ancestor [{}] (balsam killjob --recursive)",
+                        root_id8
+                    )
+                };
+                insert_event(tx, p, Some(job.state), State::UserKilled, &msg)?;
+                killed_pks.push(p);
+            }
+            let mut killed = Vec::new();
+            for p in killed_pks {
                 resolve_children(tx, p)?;
                 killed.push(get_job(tx, p)?);
             }
             Ok(killed)
         })
     }
+}
+
+/// States a job is in after its process ran (a return to RESTART_READY from one of them is a
+/// restart).
+fn has_run(s: State) -> bool {
+    matches!(
+        s,
+        State::Running
+            | State::RunDone
+            | State::RunError
+            | State::RunTimeout
+            | State::Postprocessed
+            | State::JobFinished
+            | State::Failed
+    )
 }

@@ -67,6 +67,12 @@ pub struct JobSpec {
     pub data: serde_json::Value,
 }
 
+/// A new job's id: a UUID v7, time-ordered, so a million new ids append to the id index
+/// instead of scattering over it (random v4 ids made the import index-bound).
+pub fn new_job_id() -> Uuid {
+    Uuid::now_v7()
+}
+
 /// Default bound on automatic restarts of one job.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
 
@@ -276,6 +282,8 @@ pub struct Session {
     pub heartbeat_us: i64,
     /// When it ended or expired, if it did.
     pub ended_us: Option<i64>,
+    /// The process's identity on its host (see [`crate::procid`]), '' when unknown.
+    pub proc_id: String,
 }
 
 /// What a session registers with.
