@@ -15,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use balsam_store::fields::{self, Value};
-use balsam_store::{Error as StoreError, JobSpec, NewJob, Uuid};
+use balsam_store::{Error as StoreError, ImportLine, JobSpec, NewJob, Uuid};
 
 /// The UTF-8 byte-order mark.
 const BOM: &[u8] = b"\xef\xbb\xbf";
@@ -62,7 +62,16 @@ fn skip_bom(mut r: Box<dyn Read>) -> std::io::Result<Box<dyn Read>> {
     }
 }
 
-/// The jobs of an input, in order, each with its line number.
+/// `FILE:LINE: what`, as the store reports a bad line of an import.
+fn at_line(file: &str, line: usize, e: StoreError) -> StoreError {
+    StoreError::BadLine {
+        file: file.to_string(),
+        line,
+        source: Box::new(e),
+    }
+}
+
+/// The jobs of an input, in order, each with its line number, as the store's import takes them.
 pub struct Jobs {
     name: String,
     defaults: JobSpec,
@@ -108,7 +117,7 @@ impl Jobs {
                     .collect();
                 for h in &header {
                     if h != "job_id" && h != "parents" {
-                        fields::field(h).map_err(|e| anyhow!("{name}:1: {e}"))?;
+                        fields::field(h).map_err(|e| at_line(&name, 1, e))?;
                     }
                 }
                 Source::Csv {
@@ -124,15 +133,10 @@ impl Jobs {
             source,
         })
     }
-
-    /// The input's name in messages.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl Iterator for Jobs {
-    type Item = Result<(usize, NewJob)>;
+    type Item = Result<ImportLine, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let name = &self.name;
@@ -147,7 +151,12 @@ impl Iterator for Jobs {
                 match reader.read_line(line) {
                     Ok(0) => return None,
                     Ok(_) => {}
-                    Err(e) => return Some(Err(anyhow!("{name}:{lineno}: cannot read: {e}"))),
+                    Err(e) => {
+                        return Some(Err(StoreError::io(
+                            format!("{name}:{lineno}: cannot read"),
+                            e,
+                        )))
+                    }
                 }
                 let text = line.trim();
                 if text.is_empty() || text.starts_with('#') {
@@ -155,8 +164,8 @@ impl Iterator for Jobs {
                 }
                 return Some(
                     parse_json_line(text, &self.defaults)
-                        .map(|job| (*lineno, job))
-                        .map_err(|e| anyhow!("{name}:{lineno}: {e}")),
+                        .map(|job| ImportLine { line: *lineno, job })
+                        .map_err(|e| at_line(name, *lineno, e)),
                 );
             },
             Source::Csv {
@@ -170,8 +179,8 @@ impl Iterator for Jobs {
                     let lineno = record.position().map_or(0, |p| p.line() as usize);
                     Some(
                         parse_csv_record(header, record, &self.defaults)
-                            .map(|job| (lineno, job))
-                            .map_err(|e| anyhow!("{name}:{lineno}: {e}")),
+                            .map(|job| ImportLine { line: lineno, job })
+                            .map_err(|e| at_line(name, lineno, e)),
                     )
                 }
             },
@@ -180,12 +189,15 @@ impl Iterator for Jobs {
 }
 
 /// A CSV error as `FILE:LINE: what`.
-fn csv_error(name: &str, e: &csv::Error) -> anyhow::Error {
+fn csv_error(name: &str, e: &csv::Error) -> StoreError {
     if let csv::ErrorKind::Io(io) = e.kind() {
         if let Some(q) = io.get_ref().and_then(|i| i.downcast_ref::<QuoteError>()) {
-            return anyhow!("{name}:{}: {q}", q.line);
+            return at_line(name, q.line as usize, StoreError::Refused(q.to_string()));
         }
-        return anyhow!("{name}: cannot read: {io}");
+        return StoreError::io(
+            format!("{name}: cannot read"),
+            std::io::Error::new(io.kind(), io.to_string()),
+        );
     }
     let line = e.position().map(|p| p.line());
     let what = match e.kind() {
@@ -196,8 +208,8 @@ fn csv_error(name: &str, e: &csv::Error) -> anyhow::Error {
         _ => e.to_string(),
     };
     match line {
-        Some(l) => anyhow!("{name}:{l}: {what}"),
-        None => anyhow!("{name}: {what}"),
+        Some(l) => at_line(name, l as usize, StoreError::Refused(what)),
+        None => StoreError::Refused(format!("{name}: {what}")),
     }
 }
 
@@ -426,15 +438,18 @@ mod tests {
             format,
             JobSpec::default(),
         ) {
-            Ok(j) => j.collect(),
-            Err(e) => vec![Err(e)],
+            // A bad line's message is its Display (`FILE:LINE: what`); the chain repeats it.
+            Ok(j) => j
+                .map(|r| r.map(|l| (l.line, l.job)).map_err(|e| anyhow!("{e}")))
+                .collect(),
+            Err(e) => vec![Err(anyhow!("{e}"))],
         }
     }
 
     fn errors(text: &str, format: Format) -> Vec<String> {
         jobs(text, format)
             .into_iter()
-            .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+            .filter_map(|r| r.err().map(|e| format!("{e}")))
             .collect()
     }
 
@@ -496,7 +511,7 @@ mod tests {
                 "\n{\"name\": \"a\", \"num_nodes\": \"two\"}\n",
                 Format::JsonLines
             ),
-            ["f:2: bad value \"two\" for num_nodes: expected a positive integer"]
+            ["f:2: bad value \"two\" for num_nodes: expected an integer from 1 to 1000000"]
         );
         assert_eq!(
             errors("{\"name\": \"a\",}\n", Format::JsonLines),

@@ -1,7 +1,6 @@
 //! `balsam job`: add one job (with the talk's confirmation block), or many from a JSON-lines or
-//! CSV file (`--from-file`), validated in full before anything is inserted.
+//! CSV file or a pipe (`--from-file`), in one transaction: a bad line inserts nothing.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -194,10 +193,6 @@ pub struct JobArgs {
     /// Format of --from-file (default: from its extension; .csv is CSV, else JSON lines)
     #[arg(long, value_parser = ["jsonl", "csv"])]
     pub format: Option<String>,
-    /// Rows per transaction for --from-file
-    #[arg(long, default_value_t = 50_000, hide = true,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
-    pub batch_size: usize,
 }
 
 /// Prints the block for a job about to be added (or just added).
@@ -260,6 +255,8 @@ pub fn run(ctx: &mut Ctx, a: &JobArgs) -> Result<()> {
     Ok(())
 }
 
+/// Imports the jobs of `file` (`-`: standard input) in one transaction, reading it once as a
+/// stream and parsing each line once: the first bad line is reported and nothing is inserted.
 fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
     let format = match a.format.as_deref() {
         Some("csv") => Format::Csv,
@@ -274,86 +271,20 @@ fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
     };
     let mut defaults = JobSpec::default();
     a.flags.apply(&mut defaults)?;
-    let open = || -> Result<bulk::Jobs> {
-        let (reader, name) = bulk::open(file)?;
-        bulk::Jobs::new(reader, name, format, defaults.clone())
-    };
-    // Pass 1: check every line (fields, names, applications, ids, parents) and insert nothing.
-    let apps: HashSet<String> = ctx.store.apps()?.into_iter().map(|a| a.name).collect();
-    let mut ids_in_file: HashSet<Uuid> = HashSet::new();
-    let mut count = 0usize;
-    let store = &mut ctx.store;
-    let jobs = open()?;
-    let name = jobs.name().to_string();
-    for item in jobs {
-        let (lineno, new) = item?;
-        let fail = |e: StoreError| anyhow::anyhow!("{name}:{lineno}: {e}");
-        if new.spec.name.is_empty() {
-            return Err(fail(bad_field("name", "", "a non-empty job name")));
-        }
-        if !apps.contains(&new.spec.application) {
-            return Err(fail(StoreError::UnknownApp(new.spec.application.clone())));
-        }
-        for p in &new.parents {
-            if !ids_in_file.contains(p) && store.job_by_id(p).is_err() {
-                return Err(fail(StoreError::Refused(format!(
-                    "parents: {p} is neither in the database nor on an earlier line"
-                ))));
-            }
-        }
-        if let Some(id) = new.job_id {
-            if !ids_in_file.insert(id) {
-                return Err(fail(StoreError::Refused(format!(
-                    "job_id {id} appears twice in the file"
-                ))));
-            }
-            if store.job_by_id(&id).is_ok() {
-                return Err(fail(StoreError::Refused(format!(
-                    "job_id {id} is already in the database"
-                ))));
-            }
-        }
-        count += 1;
-    }
-    // Pass 2: insert in batched transactions, with a progress bar on a terminal.
-    let bar = indicatif::ProgressBar::new(count as u64);
+    let (reader, name) = bulk::open(file)?;
+    let mut jobs = bulk::Jobs::new(reader, name.clone(), format, defaults)?;
+    // The total is unknown until the end of a stream: a count, on a terminal only.
+    let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} jobs ({per_sec}, {eta} left)",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{spinner} {pos} jobs checked ({per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    let batch = a.batch_size.max(1);
-    let mut pending: Vec<NewJob> = Vec::with_capacity(batch.min(count.max(1)));
-    let mut done = 0usize;
-    let mut flush = |store: &mut Store, pending: &mut Vec<NewJob>| -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        store.add_jobs(pending, &mut |_| {})?;
-        done += pending.len();
-        bar.set_position(done as u64);
-        pending.clear();
-        Ok(())
-    };
-    let store = &mut ctx.store;
-    for item in open()? {
-        pending.push(item?.1);
-        if pending.len() >= batch {
-            flush(store, &mut pending)?;
-        }
-    }
-    flush(store, &mut pending)?;
+    let pks = ctx
+        .store
+        .import_jobs(&name, &mut jobs, &mut |n| bar.set_position(n as u64));
     bar.finish_and_clear();
+    let count = pks?.len();
     tracing::info!(file = %name, count, "jobs imported");
     println!("Added {count} jobs from {name}");
     Ok(())
-}
-
-fn bad_field(field: &str, value: &str, expected: &str) -> StoreError {
-    StoreError::BadValue {
-        field: field.into(),
-        value: value.into(),
-        expected: expected.into(),
-    }
 }
