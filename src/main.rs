@@ -81,7 +81,12 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(&a),
         Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),
         Command::Service(a) => cmd::service::run(cli.db.as_deref(), &a),
-        other => match cmd::Ctx::open(cli.db.as_deref()) {
+        // Commands that only read never take the write lock.
+        other => match if matches!(other, Command::Ls(_) | Command::Log(_)) {
+            cmd::Ctx::open_read_only(cli.db.as_deref())
+        } else {
+            cmd::Ctx::open(cli.db.as_deref())
+        } {
             Err(e) => Err(e),
             Ok(mut ctx) => match other {
                 Command::App(a) => cmd::app::run(&mut ctx, &a),

@@ -37,6 +37,15 @@ impl Ctx {
         Ctx::open_logging(db, "balsam.log", LevelFilter::WARN)
     }
 
+    /// Opens the active database for a command that only reads (`ls`, `log`): it never takes
+    /// the write lock, so it neither waits behind a writer nor needs write access (a schema
+    /// older than this balsam is still upgraded first, by a user who may write).
+    pub fn open_read_only(db: Option<&Path>) -> Result<Ctx> {
+        let store = Store::locate_read_only(db)?;
+        init_logging(&store.dir, "balsam.log", LevelFilter::WARN);
+        Ok(Ctx { store })
+    }
+
     /// Opens the active database and logs to `log/<file>`, and to stderr from `stderr_level`
     /// up (the service shows its decisions on its terminal too).
     pub fn open_logging(db: Option<&Path>, file: &str, stderr_level: LevelFilter) -> Result<Ctx> {
