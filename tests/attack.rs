@@ -204,7 +204,8 @@ fn numeric_flags_have_ranges_and_clear_errors() {
                 "0",
                 "--yes",
             ],
-            "error: invalid value '0' for '--ranks-per-node <N>': expected a positive integer",
+            "error: invalid value '0' for '--ranks-per-node <N>': expected an integer from 1 to \
+             100000",
         ),
     ] {
         let out = db.run(&args);
@@ -244,7 +245,8 @@ fn errors_say_their_cause_once() {
     refused(
         &out,
         &format!(
-            "balsam: error: {}:1: bad value \"two\" for num_nodes: expected a positive integer\n",
+            "balsam: error: {}:1: bad value \"two\" for num_nodes: expected an integer from 1 \
+             to 1000000\n",
             file.display()
         ),
     );
@@ -254,7 +256,8 @@ fn errors_say_their_cause_once() {
     refused(
         &out,
         &format!(
-            "balsam: error: {}:2: bad value \"two\" for num_nodes: expected a positive integer\n",
+            "balsam: error: {}:2: bad value \"two\" for num_nodes: expected an integer from 1 \
+             to 1000000\n",
             csv.display()
         ),
     );
@@ -358,7 +361,8 @@ fn rm_lists_what_it_would_remove_and_asks() {
     db.run_stdin(&["rm", "jobs", "--name", "dummy1"], "n\n")
         .err();
     assert_eq!(names(&db).len(), 12);
-    let out = db.run_stdin(&["rm", "jobs", "--name", "dummy1"], "y\n");
+    // Names match ignoring case, as in legacy Balsam.
+    let out = db.run_stdin(&["rm", "jobs", "--name", "DUMMY1"], "y\n");
     assert_eq!(out.ok(), "Removed 3 job(s)\n");
     assert_eq!(names(&db).len(), 9);
     // --yes does not ask, and --force still means the same.
@@ -460,5 +464,363 @@ fn the_launcher_logs_at_the_settings_level_and_rotates() {
     assert!(
         read(&db.path.join("log/launcher-1.log")).contains("launcher session 1 done"),
         "the newest lines are in the current file"
+    );
+}
+
+#[test]
+fn job_fields_out_of_range_are_refused_from_every_path() {
+    let db = Db::new();
+    db.hello_app();
+    // Accepted today, then every service pass failed with "Integer out of range".
+    let out = db.run(&[
+        "job",
+        "--name",
+        "big",
+        "--app",
+        "say-hello",
+        "--num-nodes",
+        "4294967295",
+        "--coschedule-num-nodes",
+        "1",
+        "--yes",
+    ]);
+    out.err();
+    assert_eq!(
+        first_line(&out),
+        "error: invalid value '4294967295' for '--num-nodes <N>': expected an integer from 1 to \
+         1000000"
+    );
+    // Each in range, but too many nodes in all.
+    let out = db.run(&[
+        "job",
+        "--name",
+        "big",
+        "--app",
+        "say-hello",
+        "--num-nodes",
+        "1000000",
+        "--coschedule-num-nodes",
+        "1",
+        "--yes",
+    ]);
+    refused(
+        &out,
+        "balsam: error: bad value \"1\" for coschedule_num_nodes: expected with num_nodes \
+         1000000, at most 1000000 nodes in all\n",
+    );
+    let file = db.tmp.path().join("big.jsonl");
+    std::fs::write(
+        &file,
+        "{\"name\": \"ok\", \"application\": \"say-hello\"}\n\
+         {\"name\": \"big\", \"application\": \"say-hello\", \"num_nodes\": 4294967295}\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", file.to_str().unwrap()]);
+    refused(
+        &out,
+        &format!(
+            "balsam: error: {}:2: bad value \"4294967295\" for num_nodes: expected an integer \
+             from 1 to 1000000\n",
+            file.display()
+        ),
+    );
+    let id = db.add_job("small", "w", "say-hello", &[]);
+    let out = db.run(&["modify", &id[..8], "num_nodes", "4294967295"]);
+    refused(
+        &out,
+        "balsam: error: bad value \"4294967295\" for num_nodes: expected an integer from 1 to \
+         1000000\n",
+    );
+    assert_eq!(names(&db), ["small"]);
+    assert_eq!(db.jobs_json(&[])[0]["num_nodes"], 1);
+}
+
+#[test]
+fn unbalanced_quotes_in_args_are_refused_from_every_path() {
+    let db = Db::new();
+    db.hello_app();
+    let out = db.run(&[
+        "job",
+        "--name",
+        "q",
+        "--app",
+        "say-hello",
+        "--args",
+        "'x",
+        "--yes",
+    ]);
+    out.err();
+    assert!(
+        first_line(&out).starts_with("error: invalid value ''x' for '--args <ARGS>': "),
+        "{}",
+        out.stderr
+    );
+    let file = db.tmp.path().join("q.jsonl");
+    std::fs::write(
+        &file,
+        "{\"name\": \"q\", \"application\": \"say-hello\", \"args\": \"\\\"unclosed\"}\n",
+    )
+    .unwrap();
+    let out = db.run(&["job", "--from-file", file.to_str().unwrap()]);
+    let err = out.err();
+    assert!(
+        err.starts_with(&format!(
+            "balsam: error: {}:1: bad value \"\\\"unclosed\" for args: ",
+            file.display()
+        )),
+        "{err}"
+    );
+    let id = db.add_job("fine", "w", "say-hello", &["--args", "'a b' c"]);
+    let out = db.run(&["modify", &id[..8], "args", "it's"]);
+    let err = out.err();
+    assert!(
+        err.starts_with("balsam: error: bad value \"it's\" for args: "),
+        "{err}"
+    );
+    assert_eq!(names(&db), ["fine"]);
+    assert_eq!(db.jobs_json(&[])[0]["args"], "'a b' c");
+}
+
+/// `balsam job --from-file SOURCE` with `input` written into a pipe by a shell.
+fn import_from_pipe(db: &Db, shell: &str, input: &str) -> Run {
+    let data = db.tmp.path().join("pipe-input");
+    std::fs::write(&data, input).unwrap();
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(shell.replace("BALSAM", &common::balsam_bin().display().to_string()))
+        .arg("import")
+        .arg(&data)
+        .env("BALSAM_DB_PATH", &db.path)
+        .current_dir(db.tmp.path());
+    run_cmd(c, TIMEOUT, None)
+}
+
+#[test]
+fn bulk_import_from_a_pipe_reads_it_once() {
+    let db = Db::new();
+    db.hello_app();
+    let two = "{\"name\": \"p1\", \"application\": \"say-hello\"}\n\
+               {\"name\": \"p2\", \"application\": \"say-hello\"}\n";
+    // `-` is standard input.
+    let out = db.run_stdin(&["job", "--from-file", "-"], two);
+    assert_eq!(out.ok(), "Added 2 jobs from <stdin>\n", "{}", out.stderr);
+    assert_eq!(names(&db), ["p1", "p2"]);
+    // A pipe through /dev/stdin, and a process substitution.
+    let out = import_from_pipe(
+        &db,
+        "cat \"$1\" | BALSAM job --from-file /dev/stdin",
+        "{\"name\": \"q1\", \"application\": \"say-hello\"}\n\
+         {\"name\": \"q2\", \"application\": \"say-hello\"}\n",
+    );
+    assert_eq!(out.ok(), "Added 2 jobs from /dev/stdin\n", "{}", out.stderr);
+    let out = import_from_pipe(
+        &db,
+        "BALSAM job --from-file <(cat \"$1\") --format csv",
+        "name,application\nr1,say-hello\n",
+    );
+    let text = out.ok();
+    assert!(
+        text.starts_with("Added 1 jobs from /dev/fd/"),
+        "{text}{}",
+        out.stderr
+    );
+    assert_eq!(names(&db), ["p1", "p2", "q1", "q2", "r1"]);
+    // A bad line in a pipe: nothing of it is inserted.
+    let out = db.run_stdin(
+        &["job", "--from-file", "-"],
+        "{\"name\": \"s1\", \"application\": \"say-hello\"}\n{\"name\": \"s2\", \"application\": \"nope\"}\n",
+    );
+    refused(
+        &out,
+        "balsam: error: <stdin>:2: unknown application \"nope\"; register it with `balsam app \
+         --name nope --executable CMD` (see `balsam ls apps`)\n",
+    );
+    assert_eq!(names(&db).len(), 5);
+}
+
+/// The database file and its WAL, to see that a command changed nothing.
+fn db_bytes(db: &Db) -> Vec<Vec<u8>> {
+    ["balsamdb.sqlite3", "balsamdb.sqlite3-wal"]
+        .iter()
+        .map(|f| std::fs::read(db.path.join(f)).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn read_commands_do_not_wait_for_a_writer_or_write() {
+    let db = Db::new();
+    db.hello_app();
+    db.add_job("a", "w", "say-hello", &[]);
+    let before = db_bytes(&db);
+    for args in [
+        vec!["ls"],
+        vec!["ls", "wf"],
+        vec!["ls", "apps"],
+        vec!["ls", "--by-states"],
+        vec!["ls", "--history"],
+        vec!["log", "--no-follow"],
+    ] {
+        db.run(&args).ok();
+    }
+    assert!(db_bytes(&db) == before, "a read command wrote the database");
+
+    // Another process holds the write lock for 60 s: ls answers at once all the same.
+    let holder = db.tmp.path().join("hold.py");
+    std::fs::write(
+        &holder,
+        "import sqlite3, sys, time\n\
+         c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+         c.execute('BEGIN IMMEDIATE')\n\
+         c.execute(\"UPDATE jobs SET description = 'held'\")\n\
+         print('locked', flush=True)\n\
+         time.sleep(60)\n",
+    )
+    .unwrap();
+    let mut hold = Command::new("python3");
+    hold.arg(&holder)
+        .arg(db.path.join("balsamdb.sqlite3"))
+        .stdout(std::process::Stdio::piped());
+    let mut hold = hold.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "locked\n");
+    // Well inside the store's wait for a lock: a command that took it would still be waiting.
+    let out = run_cmd(db.cmd(&["ls", "wf"]), Duration::from_secs(8), None);
+    let _ = hold.kill();
+    let _ = hold.wait();
+    let text = out.ok();
+    assert!(text.contains("w "), "{text}");
+}
+
+#[test]
+fn an_empty_database_file_is_refused_and_left_alone() {
+    let db = Db::new();
+    let file = db.path.join("balsamdb.sqlite3");
+    std::fs::write(&file, "").unwrap();
+    for args in [
+        vec!["ls"],
+        vec!["job", "--name", "a", "--app", "x", "--yes"],
+    ] {
+        let out = db.run(&args);
+        refused(
+            &out,
+            &format!(
+                "balsam: error: {} is empty (0 bytes): not a Balsam database. It may have been \
+                 truncated; restore it from a backup, or create a new database with `balsam \
+                 init DIR`\n",
+                file.display()
+            ),
+        );
+    }
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+}
+
+#[test]
+fn modify_changes_an_application() {
+    let db = Db::new();
+    db.hello_app();
+    let id = db.add_job("a", "w", "say-hello", &["--args", "you"]);
+    let out = db.run(&[
+        "modify",
+        "--type",
+        "apps",
+        "say-hello",
+        "executable",
+        "echo Goodbye,",
+    ]);
+    assert_eq!(
+        out.ok(),
+        "application say-hello: executable: echo Hello, -> echo Goodbye,\n"
+    );
+    let out = db.run(&["modify", "--type", "apps", "say-hello", "name", "say-bye"]);
+    assert_eq!(
+        out.ok(),
+        "application say-hello: name: say-hello -> say-bye\n"
+    );
+    // The job follows its application's new name.
+    let jobs = db.jobs_json(&[]);
+    assert_eq!(jobs[0]["application"], "say-bye");
+    let apps: serde_json::Value =
+        serde_json::from_str(db.run(&["ls", "apps", "--json"]).ok()).unwrap();
+    assert_eq!(apps[0]["executable"], "echo Goodbye,");
+    // Refusals say what to do; nothing changes.
+    let out = db.run(&["modify", "--type", "apps", "nope", "description", "x"]);
+    refused(
+        &out,
+        "balsam: error: unknown application \"nope\"; register it with `balsam app --name nope \
+         --executable CMD` (see `balsam ls apps`)\n",
+    );
+    let out = db.run(&["modify", "--type", "apps", "say-bye", "colour", "x"]);
+    refused(
+        &out,
+        "balsam: error: bad value \"colour\" for field: expected an application field: name, \
+         description, executable, preprocess, postprocess, envscript\n",
+    );
+    let out = db.run(&[
+        "modify",
+        "--type",
+        "apps",
+        "say-bye",
+        "executable",
+        "echo 'x",
+    ]);
+    out.err();
+    assert!(
+        out.stderr
+            .starts_with("balsam: error: cannot parse executable \"echo 'x\""),
+        "{}",
+        out.stderr
+    );
+    let apps: serde_json::Value =
+        serde_json::from_str(db.run(&["ls", "apps", "--json"]).ok()).unwrap();
+    assert_eq!(apps[0]["executable"], "echo Goodbye,");
+    assert_eq!(db.jobs_json(&[])[0]["job_id"], id.as_str());
+}
+
+/// `balsam modify ID state STATE` with a terminal as its standard input (through `script`).
+fn modify_from_a_terminal(db: &Db, id: &str, state: &str) -> Run {
+    let line = format!(
+        "{} modify {id} state {state}",
+        common::balsam_bin().display()
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &line, "/dev/null"])
+        .env("BALSAM_DB_PATH", &db.path)
+        .current_dir(db.tmp.path());
+    run_cmd(c, TIMEOUT, None)
+}
+
+#[test]
+fn a_script_restarting_a_job_counts_and_a_person_resets() {
+    let db = Db::new();
+    db.hello_app();
+    let id = db.add_job("a", "w", "say-hello", &["--max-restarts", "1"]);
+    let restarts = |db: &Db| db.jobs_json(&[])[0]["num_restarts"].as_u64().unwrap();
+    // From a script (standard input is not a terminal), as an error handler would.
+    db.run(&["modify", &id, "state", "RUN_ERROR"]).ok();
+    db.run(&["modify", &id, "state", "RESTART_READY"]).ok();
+    assert_eq!(restarts(&db), 1);
+    assert_eq!(db.state_of("a"), "RESTART_READY");
+    db.run(&["modify", &id, "state", "RUN_ERROR"]).ok();
+    db.run(&["modify", &id, "state", "RESTART_READY"]).ok();
+    assert_eq!(db.state_of("a"), "FAILED", "past max_restarts 1");
+    assert!(
+        common::history(&db, "a").contains("restart limit reached"),
+        "{}",
+        common::history(&db, "a")
+    );
+    // A person at a terminal starts the count again.
+    let out = modify_from_a_terminal(&db, &id, "RESTART_READY");
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(db.state_of("a"), "RESTART_READY");
+    assert_eq!(restarts(&db), 0);
+    assert!(
+        common::history(&db, "a").contains("(restart count reset from 1 to 0)"),
+        "{}",
+        common::history(&db, "a")
     );
 }
