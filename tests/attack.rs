@@ -377,23 +377,69 @@ fn rm_lists_what_it_would_remove_and_asks() {
     assert_eq!(names(&db).len(), 7);
 }
 
+/// Pids of `root` and its descendants, from /proc.
+fn process_tree(root: i32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+        {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
 #[test]
 fn balsam_launcher_in_a_batch_job_refuses_workers_on_the_head_node() {
     let db = Db::new();
     let nodefile = db.tmp.path().join("nodes");
     std::fs::write(&nodefile, "nid01001\nnid01002\n").unwrap();
     let mut c = db.cmd(&["launcher", "--num-workers", "2", "--consume-all"]);
-    // A launcher started by mistake must not outlive the test.
+    // Output to a file, not a pipe: a launcher started by mistake (it puts mpiexec in a process
+    // group of its own) must not keep the test waiting for the end of its output.
+    let out_path = db.tmp.path().join("launcher.out");
+    let out_file = std::fs::File::create(&out_path).unwrap();
     c.env("MPIEXEC_TIMEOUT", "20")
         .env("COBALT_JOBID", "4242")
         .env("COBALT_PARTNAME", "1001-1002")
-        .env("COBALT_NODEFILE", &nodefile);
-    let out = run_cmd(c, Duration::from_secs(30), None);
-    refused(
-        &out,
+        .env("COBALT_NODEFILE", &nodefile)
+        .stdin(std::process::Stdio::null())
+        .stdout(out_file.try_clone().unwrap())
+        .stderr(out_file);
+    let mut child = c.spawn().unwrap();
+    let ended = common::wait_for(Duration::from_secs(15), Duration::from_millis(50), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !ended {
+        for pid in process_tree(child.id() as i32) {
+            // SAFETY: the launcher this test started and its descendants.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+        panic!("balsam launcher started:\n{}", read(&out_path));
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert_eq!(
+        read(&out_path),
         "balsam: error: --num-workers 2 starts worker ranks on this host, but this is cobalt \
          batch job 4242 with 2 node(s): inside a batch job `balsam launcher` runs one launcher \
-         rank on each node of the allocation. Leave out --num-workers.\n",
+         rank on each node of the allocation. Leave out --num-workers.\n"
     );
     assert!(!Path::new(&db.path.join("log/launcher-1.log")).exists());
 }
