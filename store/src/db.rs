@@ -373,7 +373,8 @@ impl Store {
     pub fn size_bytes(&mut self) -> Result<u64> {
         match self.backend() {
             Backend::Sqlite => {
-                let size = |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let size =
+                    |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 let file = self.dir.db_file();
                 let wal = file.with_file_name(format!("{}-wal", crate::dir::DB_FILE));
                 Ok(size(file) + size(wal))
