@@ -16,10 +16,10 @@ pub const MAX_WORKERS: i64 = 1024;
 /// Arguments of `balsam launcher`.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct LauncherArgs {
-    /// Worker ranks to start here, 1 to 1024 (the launcher runs N+1 MPI ranks; rank 0 is the
-    /// master) [default: 1]. Inside a batch job the launcher runs one rank per node of the
-    /// allocation instead.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS))]
+    /// Worker ranks to start here, 0 to 1024 (the launcher runs N+1 MPI ranks; rank 0 is the
+    /// master, and with no workers runs the serial jobs itself) [default: 1]. Inside a batch job
+    /// the launcher runs one rank per node of the allocation instead.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_WORKERS))]
     pub num_workers: Option<u32>,
     #[command(flatten)]
     pub opts: LaunchOptions,
@@ -215,7 +215,7 @@ mod tests {
             "{err}"
         );
         let err = check_script("balsam launcher --num-workers 4294967295\n").unwrap_err();
-        assert!(err.contains("4294967295 is not in 1..=1024"), "{err}");
+        assert!(err.contains("4294967295 is not in 0..=1024"), "{err}");
         // Values the shell fills in are taken on trust.
         assert_eq!(
             check_script("balsam launcher --time-limit-minutes=$((T-2))\n"),

@@ -145,11 +145,11 @@ fn numeric_flags_have_ranges_and_clear_errors() {
         (
             vec!["launcher", "--num-workers", "4294967295"],
             "error: invalid value '4294967295' for '--num-workers <N>': 4294967295 is not in \
-             1..=1024",
+             0..=1024",
         ),
         (
-            vec!["launcher", "--num-workers", "0"],
-            "error: invalid value '0' for '--num-workers <N>': 0 is not in 1..=1024",
+            vec!["launcher", "--num-workers", "-1"],
+            "error: unexpected argument '-1' found",
         ),
         (
             vec!["submit-launch", "-n", "0", "-t", "5"],
