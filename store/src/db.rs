@@ -113,6 +113,21 @@ impl Store {
     /// writes and never waits for a writer, and works for users who may only read the
     /// directory. An older schema is migrated first when this user can write the database.
     pub fn open_read_only(dir: DbDir) -> Result<Store> {
+        Store::try_open_read_only(dir.clone()).map_err(|e| match e {
+            Error::Sql(rusqlite::Error::SqliteFailure(f, _))
+                if f.extended_code == rusqlite::ffi::SQLITE_READONLY_DIRECTORY =>
+            {
+                Error::Refused(format!(
+                    "cannot read the database in {} without its -wal and -shm files, and this user may not create them there; \
+                     open it once as a user who may write the directory (any balsam command), which leaves them in place",
+                    dir.root.display()
+                ))
+            }
+            other => other,
+        })
+    }
+
+    fn try_open_read_only(dir: DbDir) -> Result<Store> {
         let mut store = Store::connect(dir.clone(), true)?;
         let (found, current) = store.found_version()?;
         if found == current {
