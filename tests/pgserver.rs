@@ -247,6 +247,24 @@ fn server_start_stop_status_and_a_command_while_it_is_down() {
     );
     assert_eq!(jobs[0]["name"], "kept");
 
+    // A server that accepts connections and never answers (stopped, or its host hung): the
+    // command still ends in bounded time.
+    let pid = pg.postmaster().unwrap();
+    // SAFETY: stops the test's own server; the guard resumes it whatever happens.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let resume = scopeguard(move || {
+        // SAFETY: resumes it.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    let t = Instant::now();
+    let r = pg.run(&["ls"]);
+    let took = t.elapsed();
+    let e = r.err();
+    assert!(e.contains(&address) && e.contains("no answer"), "{e}");
+    assert!(took < UNREACHABLE_BOUND, "took {took:?}");
+    drop(resume);
+    assert_eq!(pg.jobs_json(&[]).len(), 1);
+
     // A host other than the server's may not start it.
     let elsewhere = pg.tmp.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();

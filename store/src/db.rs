@@ -245,10 +245,7 @@ impl Store {
         };
         let mut pause = Duration::from_millis(100);
         while self.conn.is_none() {
-            match server
-                .client_config(&self.dir.root)
-                .connect(postgres::NoTls)
-            {
+            match connect_bounded(server.client_config(&self.dir.root)) {
                 Ok(client) => {
                     if OUTAGE_ANNOUNCED.swap(false, Ordering::AcqRel) {
                         tracing::warn!("database server {} reachable again", server.address());
@@ -256,8 +253,8 @@ impl Store {
                     self.conn = Some(Conn::Pg(Box::new(PgConn::new(client))));
                 }
                 Err(e) => {
-                    let e = Error::Pg(e);
-                    if !is_connection_error(&e) {
+                    let no_answer = matches!(e, Error::Io { .. });
+                    if !no_answer && !is_connection_error(&e) {
                         // Refused for a reason waiting will not cure (a wrong password).
                         let about_password = e.to_string().contains("password");
                         return Err(Error::Refused(format!(
@@ -558,12 +555,12 @@ impl Store {
 /// (connecting to the server's `postgres` database to do it).
 fn create_database_if_missing(dir: &DbDir, info: &ServerInfo) -> Result<()> {
     use postgres::error::SqlState;
-    match info.client_config(&dir.root).connect(postgres::NoTls) {
+    match connect_bounded(info.client_config(&dir.root)) {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+        Err(Error::Pg(e)) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
             let mut admin = info.client_config(&dir.root);
             admin.dbname("postgres");
-            let mut c = admin.connect(postgres::NoTls)?;
+            let mut c = connect_bounded(admin)?;
             let name = info.dbname.replace('"', "\"\"");
             c.batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"))
                 .or_else(|e| {
@@ -576,7 +573,32 @@ fn create_database_if_missing(dir: &DbDir, info: &ServerInfo) -> Result<()> {
                 })?;
             Ok(())
         }
-        Err(e) => Err(Error::Pg(e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Connects with a bound on the whole exchange. The client library bounds the TCP connect
+/// only: a server that accepts connections and never answers (stopped with SIGSTOP, or its
+/// host hung) would hold a command forever. The attempt runs on a thread of its own; one that
+/// times out is left behind, to end when the server answers or the connection breaks. Its
+/// error is an [`Error::Io`] of kind `TimedOut`; the library's own errors are [`Error::Pg`].
+fn connect_bounded(config: postgres::Config) -> Result<postgres::Client> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("pg-connect".into())
+        .spawn(move || {
+            let _ = tx.send(config.connect(postgres::NoTls));
+        })
+        .map_err(|e| Error::io("cannot start a thread to connect to the database server", e))?;
+    match rx.recv_timeout(crate::server_info::CONNECT_TIMEOUT) {
+        Ok(r) => r.map_err(Error::Pg),
+        Err(_) => Err(Error::io(
+            format!(
+                "no answer within {} s",
+                crate::server_info::CONNECT_TIMEOUT.as_secs()
+            ),
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        )),
     }
 }
 
