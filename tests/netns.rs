@@ -330,6 +330,33 @@ fn the_talks_hello_world_and_dag_run_on_a_compute_host() {
         site.run(&["dep", &a, m]).ok();
         site.run(&["dep", m, &e]).ok();
     }
+    // From a compute host the server is seen, but not managed: it runs on the login host.
+    let login = site.hosts.login_address();
+    let st = run_cmd(
+        site.balsam("c1", &["server", "status"]),
+        common::TIMEOUT,
+        None,
+    );
+    assert!(
+        st.ok().contains(&format!("answers (it runs on {login})")),
+        "{st:?}"
+    );
+    let stop = run_cmd(
+        site.balsam("c1", &["server", "stop"]),
+        common::TIMEOUT,
+        None,
+    );
+    assert!(stop.ok().contains("stop it there"), "{stop:?}");
+    let start = run_cmd(
+        site.balsam("c1", &["server", "start"]),
+        common::TIMEOUT,
+        None,
+    );
+    assert!(
+        start.err().contains(&format!("runs on {login}")),
+        "{start:?}"
+    );
+    assert!(site.pg.postmaster().is_some());
     let _service = site.service();
     let mut launcher = site.launcher("c1", &["--idle-exit-seconds", "3"]);
     assert_eq!(

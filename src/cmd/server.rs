@@ -68,11 +68,18 @@ pub fn run(db: Option<&Path>, a: &ServerArgs) -> Result<()> {
                     info.address(),
                     st.state.as_deref().unwrap_or("state unknown")
                 ),
-                (None, true) => println!(
-                    "Balsam DB server at {}: answers (it runs on {})",
-                    info.address(),
-                    info.host
-                ),
+                (None, true) => {
+                    let here = pgserver::is_local(&info.host).unwrap_or(false);
+                    println!(
+                        "Balsam DB server at {}: answers ({})",
+                        info.address(),
+                        if here {
+                            "its process is not one this user may inspect".to_string()
+                        } else {
+                            format!("it runs on {}", info.host)
+                        }
+                    )
+                }
                 (None, false) => {
                     println!(
                         "Balsam DB server at {}: not running (nothing answers there); start it with `balsam server start`",
