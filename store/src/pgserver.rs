@@ -252,6 +252,7 @@ pub fn create(db_dir: &Path, opts: &CreateOptions) -> Result<Created> {
         }
         // Rewritten in place: the files keep their owner, the server's user.
         rewrite(&data.join("pg_hba.conf"), HBA, false)?;
+        rewrite(&data.join("postgresql.conf"), CONF, true)?;
         let mut tries = 0;
         loop {
             tries += 1;
@@ -259,9 +260,10 @@ pub fn create(db_dir: &Path, opts: &CreateOptions) -> Result<Created> {
                 Some(p) => p,
                 None => free_port()?,
             };
+            // A later line wins: a retry on another port appends its own.
             rewrite(
                 &data.join("postgresql.conf"),
-                &format!("{CONF}port = {port}\n"),
+                &format!("port = {port}\n"),
                 true,
             )?;
             let info = ServerInfo {
