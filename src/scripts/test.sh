@@ -17,3 +17,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every MPI job a test starts is bounded by MPIEXEC_TIMEOUT as well as by its own timeout.
 export MPIEXEC_TIMEOUT="${MPIEXEC_TIMEOUT:-120}"
 cargo test --workspace --locked -- --test-threads="${BALSAM_TEST_THREADS:-2}"
+
+# ---- The Python package (src/python; issue 9) ------------------------------------------------
+# A fresh virtual environment, `pip install ./src/python` as a user would, then pytest on
+# SQLite and on a throwaway PostgreSQL server; it drives the binaries built above.
+bash src/scripts/install-deps.sh --postgres --quiet
+bash src/python/tests/run.sh
+# ---- end of the Python package's block ------------------------------------------------------

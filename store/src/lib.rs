@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod model;
 mod pg;
 pub mod procid;
+pub mod query;
 mod schema;
 pub mod server_info;
 pub mod settings;
@@ -32,6 +33,10 @@ pub use lifecycle::{Outcome, RestartCount, Transition};
 pub use model::{
     format_time_us, new_job_id, now_us, parse_environ_vars, Application, Event, Job, JobSpec,
     QueuedLaunch, Session, SessionInfo, DEFAULT_MAX_RESTARTS,
+};
+pub use query::{
+    AppField, AppQuery, Cell, Column, JobChanges, JobField, JobQuery, Lookup, QueryError,
+    StateChange,
 };
 pub use server_info::ServerInfo;
 pub use settings::Settings;

@@ -188,7 +188,7 @@ pub(crate) fn apply_batch(
 }
 
 /// Writes a batch's new rows and history lines.
-fn write_updates(
+pub(crate) fn write_updates(
     tx: &mut Tx,
     updates: &[crate::pg::JobUpdate],
     events: &[crate::pg::NewEvent],
@@ -460,7 +460,7 @@ impl Store {
 
 /// States a job is in after its process ran (a return to RESTART_READY from one of them is a
 /// restart).
-fn has_run(s: State) -> bool {
+pub(crate) fn has_run(s: State) -> bool {
     matches!(
         s,
         State::Running
