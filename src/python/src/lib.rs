@@ -580,6 +580,7 @@ fn add_jobs(py: Python<'_>, jobs: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
     // (a value of a type no field takes) ends the import like a bad job: nothing is added,
     // and it is raised as it was.
     let mut failure: Option<PyErr> = None;
+    let mut refused: Option<(usize, QueryError)> = None;
     let mut lines = jobs.iter().enumerate().map(|(i, item)| {
         let line = i + 1;
         let bad = |source: Error| Error::BadLine {
@@ -594,11 +595,11 @@ fn add_jobs(py: Python<'_>, jobs: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
         match converted {
             Ok(Ok(job)) => Ok(balsam_store::ImportLine { line, job }),
             Ok(Err(QueryError::Store(e))) => Err(bad(e)),
-            Ok(Err(e)) => Err(bad(Error::BadValue {
-                field: "a job".into(),
-                value: String::new(),
-                expected: e.to_string(),
-            })),
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                refused = Some((line, e));
+                Err(bad(Error::Refused(message)))
+            }
             Err(e) => {
                 let message = e.to_string();
                 failure = Some(e);
@@ -608,9 +609,16 @@ fn add_jobs(py: Python<'_>, jobs: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
     });
     let out = on_store(|store| Ok(store.import_jobs("bulk_create", &mut lines, &mut |_| {})?));
     drop(lines);
-    match (out, failure) {
-        (Err(_), Some(e)) => Err(e),
-        (out, _) => out.map_err(|e| to_py_err(py, e)),
+    match (out, failure, refused) {
+        (Err(_), Some(e), _) => Err(e),
+        (Err(_), None, Some((line, e))) => {
+            let class = match e {
+                QueryError::Unsupported(_) => "RefusedError",
+                _ => "FieldError",
+            };
+            Err(raise(py, class, format!("bulk_create:{line}: {e}")))
+        }
+        (out, _, _) => out.map_err(|e| to_py_err(py, e)),
     }
 }
 

@@ -45,7 +45,7 @@ def test_job_attributes(db):
 
 
 def test_help_describes_jobs():
-    text = pydoc.render_doc(BalsamJob)
+    text = pydoc.render_doc(BalsamJob, renderer=pydoc.plaintext)
     for words in ["planned application run", "objects.filter", "num_nodes", "Nodes for an MPI job",
                   "state_history", "read_file_in_workdir", "get_children"]:
         assert words in text, words

@@ -49,7 +49,7 @@ def test_deephyper_master_adds_tasks_and_waits_for_them(cli, db, tmp_path):
             futures = []
             for i in range(10):
                 job = add_job(name=f"eval{i}", workflow=current_job.workflow,
-                              application="evaluate", args=str(i))
+                              application="evaluate", args=str(i), node_packing_count=2)
                 futures.append(FutureTask(job, on_done))
             active, done, failed, cancelled = wait(futures, return_when="ALL_COMPLETED", timeout=240)
             assert not active and not failed and not cancelled, (active, failed, cancelled)
@@ -58,14 +58,20 @@ def test_deephyper_master_adds_tasks_and_waits_for_them(cli, db, tmp_path):
                     f.write(f"{fut.job.name} {fut.result()}\\n")
         """),
     ).save()
-    master = BalsamJob(name="master", workflow="hpo", application="search")
+    # The search process is light: it shares a node with one task (node_packing_count=2), as
+    # DeepHyper's master did. (A master that took a whole node would find the tasks the
+    # launcher queued on that node waiting for it.)
+    master = BalsamJob(name="master", workflow="hpo", application="search", node_packing_count=2)
     master.save()
 
     code, log = run_launcher(cli, tmp_path)
 
     assert code == 0, log
     states = dict(BalsamJob.objects.values_list("name", "state"))
-    assert states == {"master": "JOB_FINISHED", **{f"eval{i}": "JOB_FINISHED" for i in range(10)}}, log
+    master.refresh_from_db()
+    assert states == {"master": "JOB_FINISHED", **{f"eval{i}": "JOB_FINISHED" for i in range(10)}}, (
+        f"{master.state_history}\n{log}"
+    )
     master.refresh_from_db()
     assert master.read_file_in_workdir("results.txt") == "".join(f"eval{i} {i * i}\n" for i in range(10))
     assert BalsamJob.objects.filter(workflow="hpo").count() == 11

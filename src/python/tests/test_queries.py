@@ -71,7 +71,7 @@ def test_every_lookup(jobs):
     assert names(f(job_id__iexact=a.job_id.upper())) == ["alpha"]
     assert names(f(job_id__startswith=a.job_id[:8])) == ["alpha"]
     assert names(f(job_id__contains=a.job_id[9:13])) == ["alpha"]
-    assert names(f(job_id__icontains=a.job_id[-12:].upper())) == ["alpha"]
+    assert names(f(job_id__icontains=a.job_id[2:13].upper())) == ["alpha"]
     assert names(f(job_id__in=[a, jobs["gamma"].job_id])) == ["alpha", "gamma"]
 
 
@@ -98,8 +98,9 @@ def test_order_slices_and_counts(jobs):
         qs[5]
     assert BalsamJob.objects.filter(name="nope").first() is None
     assert not BalsamJob.objects.filter(name="nope")
+    # Text orders by bytes, as on both backends: "other" < "wf-A", "alpha" > "Beta".
     assert [j.name for j in BalsamJob.objects.order_by("workflow", "-name")] == [
-        "alpha", "Beta", "gamma", "delta-test", "epsilon-test"
+        "epsilon-test", "alpha", "Beta", "gamma", "delta-test"
     ]
 
 

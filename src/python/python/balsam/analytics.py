@@ -34,6 +34,8 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 def _query(queryset):
     if queryset is None:
         return _native.JobQuery()
+    if hasattr(queryset, "_all"):  # BalsamJob.objects itself
+        queryset = queryset._all()
     q = getattr(queryset, "_q", None)
     if not isinstance(q, _native.JobQuery):
         raise TypeError(

@@ -101,8 +101,6 @@ def _id_of(job):
 class _JobField:
     """A job field as an attribute: the value loaded or set, else legacy's default."""
 
-    __slots__ = ("name", "settable", "__doc__")
-
     def __init__(self, name, settable):
         self.name = name
         self.settable = settable
@@ -117,12 +115,13 @@ class _JobField:
         except KeyError:
             pass
         if self.name == "job_id":
-            value = _native.new_job_id()
-        else:
-            value = _DEFAULTS[self.name]
-            if isinstance(value, dict):
-                value = dict(value)
-        f[self.name] = value
+            # Known before the job is saved, as legacy's were, so jobs can refer to it.
+            value = f[self.name] = _native.new_job_id()
+            return value
+        value = _DEFAULTS[self.name]
+        if isinstance(value, dict):
+            # A mutable default is kept, so that `job.data["k"] = 1` sticks.
+            value = f[self.name] = dict(value)
         return value
 
     def __set__(self, obj, value):
@@ -697,15 +696,15 @@ def spawn_child(**fields):
 
 
 def kill(job, recursive=False):
-    """Kill a job as ``balsam killjob`` does: USER_KILLED (and its descendants with
-    ``recursive``); a launcher running it stops the process. Jobs already ended are left
-    alone. Returns the ids of the jobs killed."""
+    """Kill a job (a BalsamJob, an id or a unique id prefix) as ``balsam killjob`` does:
+    USER_KILLED (and its descendants with ``recursive``); a launcher running it stops the
+    process. Jobs already ended are left alone. Returns the ids of the jobs killed."""
     if isinstance(job, BalsamJob):
         pk = job.pk
         if pk is None:
             raise RefusedError(f"{job!r} is not saved yet")
     else:
-        pk = BalsamJob.objects.get(job_id=str(job)).pk
+        pk = _native.job(str(job))["pk"]
     killed = _native.kill(pk, recursive)
     if isinstance(job, BalsamJob):
         job.refresh_from_db()
