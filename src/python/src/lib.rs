@@ -5,12 +5,12 @@
 //! turns the store's errors into the package's exceptions (`balsam.exceptions`), and lets other
 //! Python threads run while the database works.
 //!
-//! Each thread keeps one open store, for the database `BALSAM_DB_PATH` names at the time of the
-//! call (a store is not shared between threads, as everywhere in balsam). A process forked with
-//! an open store opens its own: a SQLite connection must never cross a fork.
+//! Each call uses an open store of the database `BALSAM_DB_PATH` names at the time of the call,
+//! from a small pool (a store is used by one thread at a time, as everywhere in balsam). A
+//! process forked with open stores opens its own: a connection must never cross a fork.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use balsam_store::query::{self as q, QueryError};
 use balsam_store::{
@@ -22,17 +22,22 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 use serde_json::Value as Json;
 
-/// The open store of this thread: its database directory, the process that opened it, and
-/// the store.
+/// An open store: its database directory, the process that opened it, and the store.
 struct Open {
     root: PathBuf,
     pid: u32,
     store: Store,
 }
 
-thread_local! {
-    static STORE: RefCell<Option<Open>> = const { RefCell::new(None) };
-}
+/// Open stores not in use. A call takes one for the active database (or opens one) and puts
+/// it back, so each thread that calls at the same moment has its own (a store is not shared
+/// between threads, as everywhere in balsam), and connections are reused across calls and
+/// threads. The pool is a static, never dropped: a store dropped while a thread exits would
+/// close its PostgreSQL connection after the runtime it needs is gone.
+static POOL: Mutex<Vec<Open>> = Mutex::new(Vec::new());
+
+/// Stores kept for reuse; more are closed when put back.
+const POOL_SIZE: usize = 8;
 
 /// Either of the store's error types, on the way to a Python exception.
 enum Fail {
@@ -97,33 +102,38 @@ fn to_py_err(py: Python<'_>, f: Fail) -> PyErr {
     }
 }
 
-/// Runs `f` on this thread's store for the active database (opened when needed).
+/// Runs `f` on a store for the active database, taken from the pool or opened.
 fn on_store<T>(f: impl FnOnce(&mut Store) -> Result<T, Fail>) -> Result<T, Fail> {
-    STORE.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let dir = DbDir::locate(None)?;
-        let pid = std::process::id();
-        let reuse = matches!(&*slot, Some(o) if o.root == dir.root && o.pid == pid);
-        if !reuse {
-            if let Some(old) = slot.take() {
-                if old.pid != pid {
-                    // Opened by the parent of a fork: closing it here would release the
-                    // parent's locks.
-                    std::mem::forget(old);
-                }
-            }
-            let root = dir.root.clone();
-            *slot = Some(Open {
-                root,
-                pid,
-                store: Store::open(dir)?,
-            });
-        }
-        f(&mut slot.as_mut().expect("opened above").store)
-    })
+    let dir = DbDir::locate(None)?;
+    let pid = std::process::id();
+    let found = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // Stores opened by the parent of a fork are never used, nor closed: closing them here
+        // would release the parent's locks.
+        let (mine, theirs): (Vec<Open>, Vec<Open>) = pool.drain(..).partition(|o| o.pid == pid);
+        std::mem::forget(theirs);
+        *pool = mine;
+        pool.iter()
+            .position(|o| o.root == dir.root)
+            .map(|i| pool.swap_remove(i))
+    };
+    let mut open = match found {
+        Some(o) => o,
+        None => Open {
+            root: dir.root.clone(),
+            pid,
+            store: Store::open(dir)?,
+        },
+    };
+    let out = f(&mut open.store);
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_SIZE {
+        pool.push(open);
+    }
+    out
 }
 
-/// Runs `f` on this thread's store without holding the GIL, so other Python threads run.
+/// Runs `f` on a store without holding the GIL, so other Python threads run.
 fn with_store<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&mut Store) -> Result<T, Fail> + Send,
