@@ -119,9 +119,9 @@ def main():
     print(f"  making the {N} BalsamJob objects: {t_make:6.2f} s  (with bulk_create: "
           f"{t_cli / (t_make + t_bulk):.2f} of the baseline's rate)")
     print(f"  update(state='JOB_FINISHED') of all {N}: {t_finish:6.2f} s  ({N / t_finish:,.0f} jobs/s; "
-          f"{t_cli / t_finish:.2f} of the import's time per job)")
+          f"{t_cli / t_finish:.2f} of the import's rate)")
     print(f"  filter(...).update(state='RESTART_READY') of {updated}: {t_update:6.2f} s  "
-          f"({updated / t_update:,.0f} jobs/s)")
+          f"({updated / t_update:,.0f} jobs/s; {updated * t_cli / (N * t_update):.2f} of the import's rate)")
     print(f"  waiting on {FUTURES_N} futures for {fut['wall']:.0f} s: {100 * fut['cpu'] / fut['wall']:.2f} % of a core, "
           f"{fut['rounds']} queries ({fut['rounds'] / fut['wall']:.2f}/s; one query of {FUTURES_N} states: "
           f"{1000 * fut['per_query']:.1f} ms)")

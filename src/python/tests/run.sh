@@ -25,8 +25,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-python3 -m venv "$work/venv"
 venv="$work/venv"
+if ! python3 -m venv "$venv" 2>"$work/venv.err"; then
+    # Debian's own python3 keeps venv in a package of its own.
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        apt-get install -y -q python3-venv >/dev/null
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+    else
+        cat "$work/venv.err" >&2
+        echo "run.sh: python3 cannot make a virtual environment; install python3-venv" >&2
+        exit 1
+    fi
+fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$root/src/python" pytest numpy
 
