@@ -12,13 +12,12 @@ fn init_prints_how_to_activate_and_refuses_twice() {
     let db = Db::new();
     let again = db.run(&["init", db.path.to_str().unwrap()]);
     assert!(again.err().contains("already holds a Balsam database"));
-    for sub in [
-        "data",
-        "log",
-        "qsubmit",
-        "settings.json",
-        "balsamdb.sqlite3",
-    ] {
+    let store = if common::on_postgres() {
+        "server-info"
+    } else {
+        "balsamdb.sqlite3"
+    };
+    for sub in ["data", "log", "qsubmit", "settings.json", store] {
         assert!(db.path.join(sub).exists(), "{sub}");
     }
     let out = db.run(&["init", db.tmp.path().join("other").to_str().unwrap()]);
@@ -167,7 +166,7 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "deep",
                 "--yes",
             ],
-            "cpu_affinity",
+            "invalid value 'deep' for '--cpu-affinity <AFFINITY>': expected none or depth",
         ),
         (
             &[
