@@ -22,7 +22,7 @@ use crate::fields::{self, Field, MAX_NODES};
 use crate::jobs::{
     app_exists, app_from_row, jobs_from, validate_spec, NewJob, APP_COLS, CHUNK, JOB_COLS,
 };
-use crate::lifecycle::{has_run, resolve_children, resolve_parents, write_updates, RestartCount};
+use crate::lifecycle::{resolve_children, resolve_parents, user_move, write_updates, RestartCount};
 use crate::model::{id_from_key, job_key, now_us, Application, Job, JobSpec, ID_HEX_SQL};
 use crate::sql::{Tx, P};
 use crate::state::{State, ALL_STATES};
@@ -1104,45 +1104,6 @@ pub fn new_job(pairs: &[(&str, &Json)]) -> Result<NewJob, QueryError> {
         }
     }
     Ok(job)
-}
-
-/// What a user's (or a program's) move of a job to `to` becomes, with the message for its
-/// history: `balsam modify`'s rule. A move to RESTART_READY of a job that has run counts
-/// toward `max_restarts` with [`RestartCount::Count`] (FAILED past the bound);
-/// [`RestartCount::Reset`] starts the count again. Returns the state, the restart count and
-/// the message.
-pub fn user_move(
-    from: State,
-    to: State,
-    restarts: u32,
-    max_restarts: u32,
-    count: RestartCount,
-    source: &str,
-) -> (State, u32, String) {
-    let mut msg = format!("User mutated state from {source}");
-    let (mut to, mut restarts) = (to, restarts);
-    if to == State::RestartReady {
-        match count {
-            RestartCount::Reset => {
-                if restarts > 0 {
-                    msg.push_str(&format!(" (restart count reset from {restarts} to 0)"));
-                }
-                restarts = 0;
-            }
-            RestartCount::Count if has_run(from) => {
-                restarts += 1;
-                if restarts > max_restarts {
-                    to = State::Failed;
-                    restarts -= 1;
-                    msg = format!(
-                        "restart limit reached: {max_restarts} restarts allowed (max_restarts); not restarted after: {msg}"
-                    );
-                }
-            }
-            RestartCount::Count => {}
-        }
-    }
-    (to, restarts, msg)
 }
 
 /// One state change of a job's history, for the reports.
