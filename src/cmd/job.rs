@@ -232,7 +232,7 @@ pub fn run(ctx: &mut Ctx, a: &JobArgs) -> Result<()> {
     }
     // Check the application before showing a block that could never be added.
     ctx.store.app(&spec.application)?;
-    let id = Uuid::new_v4();
+    let id = balsam_store::new_job_id();
     let job = preview(spec.clone(), id);
     print!("{}", describe(&mut ctx.store, &job, &[]));
     let existing = ctx.store.count_in_workflow(&spec.workflow)?;

@@ -2,7 +2,7 @@
 //! the current job (same workflow, application and resources), with the given flags on top.
 
 use anyhow::{Context, Result};
-use balsam_store::{NewJob, Uuid};
+use balsam_store::NewJob;
 
 use super::job::{describe, JobFlags};
 use super::Ctx;
@@ -33,7 +33,7 @@ pub fn run(ctx: &mut Ctx, a: &MkchildArgs) -> Result<()> {
     spec.name = format!("{}_child", parent.spec.name);
     spec.data = serde_json::json!({});
     a.flags.apply(&mut spec)?;
-    let id = Uuid::new_v4();
+    let id = balsam_store::new_job_id();
     let child = ctx.store.add_job(&NewJob {
         job_id: Some(id),
         spec,

@@ -29,6 +29,12 @@ export BALSAM_TEST_PG_URL BALSAM_TEST_BACKEND=postgres
 cargo test --locked -p balsam-store --test store -- --test-threads="$threads"
 cargo test --locked -p balsam --test cli --test attack --test launcher --test batch --test slurm -- --test-threads="$threads"
 
+# ---- The Python package (src/python; issue 9) ------------------------------------------------
+# A fresh virtual environment, `pip install ./src/python` as a user would, then pytest on
+# SQLite and on a throwaway PostgreSQL server of its own; it drives the binaries built above.
+bash src/python/tests/run.sh
+# ---- end of the Python package's block ------------------------------------------------------
+
 # --- Many hosts: `balsam init --postgres`, `balsam server`, outages, network namespaces --------
 # tests/pgserver.rs (each test a private server of its own) and tests/netns.rs (a login host and
 # two compute hosts as network namespaces, tests/netns/hosts.sh; needs root) ran in the workspace

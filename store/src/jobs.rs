@@ -65,7 +65,7 @@ pub(crate) fn job_from_row(r: &Row) -> Result<Job> {
     })
 }
 
-fn jobs_from(rows: Vec<Row>) -> Result<Vec<Job>> {
+pub(crate) fn jobs_from(rows: Vec<Row>) -> Result<Vec<Job>> {
     rows.iter().map(job_from_row).collect()
 }
 
@@ -221,11 +221,11 @@ fn reaches(tx: &mut Tx, from: i64, target: i64) -> Result<bool> {
     Ok(false)
 }
 
-fn app_exists(tx: &mut Tx, name: &str) -> Result<bool> {
+pub(crate) fn app_exists(tx: &mut Tx, name: &str) -> Result<bool> {
     tx.exists("SELECT 1 FROM applications WHERE name = ?1", params![name])
 }
 
-fn app_from_row(r: &Row) -> Result<Application> {
+pub(crate) fn app_from_row(r: &Row) -> Result<Application> {
     Ok(Application {
         id: r.i64(0)?,
         name: r.text(1)?,
@@ -237,7 +237,8 @@ fn app_from_row(r: &Row) -> Result<Application> {
     })
 }
 
-const APP_COLS: &str = "id, name, description, executable, preprocess, postprocess, envscript";
+pub(crate) const APP_COLS: &str =
+    "id, name, description, executable, preprocess, postprocess, envscript";
 
 fn filter_sql(f: &JobFilter) -> Result<(String, Vec<Arg>)> {
     let mut clauses = Vec::new();

@@ -18,6 +18,7 @@ pub mod model;
 mod pg;
 pub mod pgserver;
 pub mod procid;
+pub mod query;
 mod schema;
 pub mod server_info;
 pub mod settings;
@@ -33,6 +34,10 @@ pub use lifecycle::{Outcome, RestartCount, Transition};
 pub use model::{
     format_time_us, new_job_id, now_us, parse_environ_vars, Application, Event, Job, JobSpec,
     QueuedLaunch, Session, SessionInfo, DEFAULT_MAX_RESTARTS,
+};
+pub use query::{
+    AppField, AppQuery, Cell, Column, JobChanges, JobField, JobQuery, Lookup, QueryError,
+    StateChange,
 };
 pub use server_info::ServerInfo;
 pub use settings::Settings;

@@ -188,7 +188,7 @@ pub(crate) fn apply_batch(
 }
 
 /// Writes a batch's new rows and history lines.
-fn write_updates(
+pub(crate) fn write_updates(
     tx: &mut Tx,
     updates: &[crate::pg::JobUpdate],
     events: &[crate::pg::NewEvent],
@@ -350,34 +350,16 @@ impl Store {
         self.write(|tx| {
             let job = get_job_locked(tx, pk)?;
             check_transition(job.state, to, Actor::User)?;
-            let mut msg = "User mutated state from command line".to_string();
+            let (to, restarts, mut msg) = user_move(
+                job.state,
+                to,
+                job.num_restarts,
+                job.spec.max_restarts,
+                count,
+                "command line",
+            );
             if !note.is_empty() {
                 msg = format!("{msg}: {note}");
-            }
-            let (mut to, mut restarts) = (to, job.num_restarts);
-            if to == State::RestartReady {
-                match count {
-                    RestartCount::Reset => {
-                        if restarts > 0 {
-                            msg.push_str(&format!(
-                                " (restart count reset from {restarts} to 0)"
-                            ));
-                        }
-                        restarts = 0;
-                    }
-                    RestartCount::Count if has_run(job.state) => {
-                        restarts += 1;
-                        if restarts > job.spec.max_restarts {
-                            to = State::Failed;
-                            restarts -= 1;
-                            msg = format!(
-                                "restart limit reached: {} restarts allowed (max_restarts); not restarted after: {msg}",
-                                job.spec.max_restarts
-                            );
-                        }
-                    }
-                    RestartCount::Count => {}
-                }
             }
             tx.exec(
                 "UPDATE jobs SET state = ?1, num_restarts = ?2 WHERE pk = ?3",
@@ -456,6 +438,45 @@ impl Store {
             killed_pks.iter().map(|p| get_job(tx, *p)).collect()
         })
     }
+}
+
+/// What a user's (or a program's) move of a job to `to` becomes, with the message for its
+/// history: `balsam modify`'s rule. A move to RESTART_READY of a job that has run counts
+/// toward `max_restarts` with [`RestartCount::Count`] (FAILED past the bound);
+/// [`RestartCount::Reset`] starts the count again. Returns the state, the restart count and
+/// the message.
+pub fn user_move(
+    from: State,
+    to: State,
+    restarts: u32,
+    max_restarts: u32,
+    count: RestartCount,
+    source: &str,
+) -> (State, u32, String) {
+    let mut msg = format!("User mutated state from {source}");
+    let (mut to, mut restarts) = (to, restarts);
+    if to == State::RestartReady {
+        match count {
+            RestartCount::Reset => {
+                if restarts > 0 {
+                    msg.push_str(&format!(" (restart count reset from {restarts} to 0)"));
+                }
+                restarts = 0;
+            }
+            RestartCount::Count if has_run(from) => {
+                restarts += 1;
+                if restarts > max_restarts {
+                    to = State::Failed;
+                    restarts -= 1;
+                    msg = format!(
+                        "restart limit reached: {max_restarts} restarts allowed (max_restarts); not restarted after: {msg}"
+                    );
+                }
+            }
+            RestartCount::Count => {}
+        }
+    }
+    (to, restarts, msg)
 }
 
 /// States a job is in after its process ran (a return to RESTART_READY from one of them is a

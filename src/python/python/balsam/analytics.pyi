@@ -1,0 +1,9 @@
+from typing import Any, Optional, Tuple
+
+from balsam.launcher.dag import BalsamJob, QuerySet
+
+# (times, values): numpy arrays (datetime64[us], int64) when numpy is installed, else lists
+# of timezone-aware datetime and int.
+def throughput_report(queryset: Optional[QuerySet[BalsamJob]] = ...) -> Tuple[Any, Any]: ...
+def utilization_report(queryset: Optional[QuerySet[BalsamJob]] = ...) -> Tuple[Any, Any]: ...
+def error_report(queryset: Optional[QuerySet[BalsamJob]] = ...) -> Tuple[Any, Any]: ...
