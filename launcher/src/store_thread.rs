@@ -760,18 +760,6 @@ fn pid_in(message: &str) -> Option<u32> {
     rest[..end].parse().ok()
 }
 
-/// Until `Store::note` lands on main: the same signature, logging instead of writing.
-trait NoteShim {
-    fn note(&mut self, pk: i64, session: Option<i64>, message: &str) -> balsam_store::Result<()>;
-}
-
-impl NoteShim for Store {
-    fn note(&mut self, pk: i64, _session: Option<i64>, message: &str) -> balsam_store::Result<()> {
-        tracing::info!("job #{pk}: {message}");
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
