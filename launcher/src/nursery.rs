@@ -62,6 +62,12 @@ const PARENT_DEATH_SIGNAL: libc::c_int = libc::SIGUSR2;
 /// a rank waits for its nursery to end.
 const TEARDOWN_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a nursery with jobs queued may hold back what happened before telling its rank:
+/// the rank does not need each event at once while the nursery has work (it reports to rank 0
+/// every few milliseconds anyway), and every frame wakes it. A nursery whose queue runs out
+/// tells at once, so that more jobs come.
+const HOLD_EVENTS: Duration = Duration::from_millis(2);
+
 /// Rank → nursery.
 #[derive(Debug, Serialize, Deserialize)]
 enum ToNursery {
@@ -523,27 +529,23 @@ fn serve(parent: libc::pid_t) -> i32 {
         }
     };
     // SAFETY: SOCKET_FD is the socket the rank passed us, owned by this process from now on.
-    let mut sock = unsafe { UnixStream::from_raw_fd(SOCKET_FD) };
+    let sock = unsafe { UnixStream::from_raw_fd(SOCKET_FD) };
     if sock.set_nonblocking(true).is_err() {
         return 1;
     }
-    let mut engine: Option<Engine> = None;
-    let mut inbuf = Vec::new();
-    let mut out = Vec::new();
-    let mut gone = false;
+    let mut n = Served {
+        sock,
+        engine: None,
+        inbuf: Vec::new(),
+        out: Vec::new(),
+        held: Vec::new(),
+        held_since: None,
+    };
     loop {
-        let timeout = match engine.as_ref().and_then(|e| e.next_deadline()) {
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000)
-                .min(3_600_000) as libc::c_int,
-            None => -1,
-        };
         let mut fds = [
             libc::pollfd {
                 fd: SOCKET_FD,
-                events: libc::POLLIN | if out.is_empty() { 0 } else { libc::POLLOUT },
+                events: libc::POLLIN | if n.out.is_empty() { 0 } else { libc::POLLOUT },
                 revents: 0,
             },
             libc::pollfd {
@@ -553,72 +555,112 @@ fn serve(parent: libc::pid_t) -> i32 {
             },
         ];
         // SAFETY: poll(2) on a valid array of two pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n > 0 && fds[1].revents != 0 && drain_signals(sigfd) {
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, n.timeout_ms()) } > 0;
+        let mut gone = false;
+        if ready && fds[1].revents != 0 && drain_signals(sigfd) {
             // SAFETY: getppid has no preconditions.
             gone |= unsafe { libc::getppid() } != parent;
         }
-        if let Some(e) = engine.as_mut() {
+        if let Some(e) = n.engine.as_mut() {
             e.reap();
         }
-        if n > 0 && fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            gone |= !read_available(&mut sock, &mut inbuf);
-            match decode_frames::<ToNursery>(&mut inbuf) {
-                Ok(msgs) => {
-                    for m in msgs {
-                        match m {
-                            ToNursery::Setup(cfg) => engine = Some(Engine::new(cfg)),
-                            ToNursery::Run(job) => {
-                                if let Some(e) = engine.as_mut() {
-                                    e.submit(job);
-                                }
-                            }
-                            ToNursery::Kill(pks, reason) => {
-                                if let Some(e) = engine.as_mut() {
-                                    for pk in pks {
-                                        e.kill(pk, reason);
-                                    }
-                                }
-                            }
-                            ToNursery::KillAll(reason) => {
-                                if let Some(e) = engine.as_mut() {
-                                    e.kill_all(reason);
-                                }
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    gone = true;
-                }
-            }
+        if ready && fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            gone |= !n.receive();
         }
-        if let Some(e) = engine.as_mut() {
+        if let Some(e) = n.engine.as_mut() {
             e.tick();
         }
+        gone = gone || !n.send();
         if gone {
-            if let Some(e) = engine.as_mut() {
-                e.teardown(TEARDOWN_LIMIT);
-            } else {
-                process::kill_and_reap_all_children(TEARDOWN_LIMIT);
+            match n.engine.as_mut() {
+                Some(e) => e.teardown(TEARDOWN_LIMIT),
+                None => process::kill_and_reap_all_children(TEARDOWN_LIMIT),
             }
             return 0;
         }
-        let events = engine.as_mut().map(|e| e.take_events()).unwrap_or_default();
+    }
+}
+
+/// A nursery's state between polls.
+struct Served {
+    sock: UnixStream,
+    /// Made by the rank's first frame.
+    engine: Option<Engine>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// Events not sent yet (see [`HOLD_EVENTS`]), since when.
+    held: Vec<Event>,
+    held_since: Option<Instant>,
+}
+
+impl Served {
+    /// Until the next kill escalation, wall time, look for orphans or events due, in ms (-1:
+    /// none).
+    fn timeout_ms(&self) -> libc::c_int {
+        let engine = self.engine.as_ref().and_then(|e| e.next_deadline());
+        let events = self.held_since.map(|t| t + HOLD_EVENTS);
+        let deadline = match (engine, events) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(d) => d,
+                None => return -1,
+            },
+        };
+        // Round up so a deadline is never polled for in a busy loop of 0 ms sleeps.
+        deadline
+            .saturating_duration_since(Instant::now())
+            .as_micros()
+            .div_ceil(1000)
+            .min(3_600_000) as libc::c_int
+    }
+
+    /// Reads and obeys what the rank sent. False when the rank is gone (EOF) or garbled.
+    fn receive(&mut self) -> bool {
+        let open = read_available(&mut self.sock, &mut self.inbuf);
+        let msgs = match decode_frames::<ToNursery>(&mut self.inbuf) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!("{e}");
+                return false;
+            }
+        };
+        for m in msgs {
+            if let ToNursery::Setup(cfg) = m {
+                self.engine = Some(Engine::new(cfg));
+                continue;
+            }
+            let Some(e) = self.engine.as_mut() else {
+                continue;
+            };
+            match m {
+                ToNursery::Run(job) => e.submit(job),
+                ToNursery::Kill(pks, reason) => pks.into_iter().for_each(|pk| e.kill(pk, reason)),
+                ToNursery::KillAll(reason) => e.kill_all(reason),
+                ToNursery::Setup(_) => {}
+            }
+        }
+        open
+    }
+
+    /// Sends what happened when it is due, and the log. False when the rank is gone.
+    fn send(&mut self) -> bool {
+        if let Some(e) = self.engine.as_mut() {
+            if e.has_events() {
+                self.held.extend(e.take_events());
+                self.held_since.get_or_insert_with(Instant::now);
+            }
+        }
+        let queued = self.engine.as_ref().map_or(0, |e| e.queued());
+        let due = self
+            .held_since
+            .is_some_and(|t| queued == 0 || t.elapsed() >= HOLD_EVENTS);
         let log = take_log();
-        if !events.is_empty() || !log.is_empty() {
-            encode_frame(&FromNursery { events, log }, &mut out);
+        if due || !log.is_empty() {
+            let events = std::mem::take(&mut self.held);
+            self.held_since = None;
+            encode_frame(&FromNursery { events, log }, &mut self.out);
         }
-        if !out.is_empty() && !write_available(&mut sock, &mut out) {
-            gone = true;
-        }
-        if gone {
-            if let Some(e) = engine.as_mut() {
-                e.teardown(TEARDOWN_LIMIT);
-            }
-            return 0;
-        }
+        self.out.is_empty() || write_available(&mut self.sock, &mut self.out)
     }
 }
 
