@@ -155,14 +155,17 @@ fn write_available(sock: &mut UnixStream, out: &mut Vec<u8>) -> bool {
     ok
 }
 
-/// The program to start as a nursery: this one when it is the launcher, else the launcher
-/// binary beside it (tests and examples run from `target/*/deps` or `target/*/examples`), else
-/// on PATH.
+/// The program to start as a nursery: this very one when it is the launcher (through
+/// /proc/self/exe, so that a binary replaced on disk meanwhile is not mixed with the running
+/// one), else the launcher binary beside it (tests and examples run from `target/*/deps` or
+/// `target/*/examples`), else on PATH.
 fn program() -> Result<PathBuf> {
     let exe =
         std::env::current_exe().map_err(|e| Error::io("cannot find the running program", e))?;
-    if exe.file_name().is_some_and(|n| n == crate::LAUNCHER_BIN) {
-        return Ok(exe);
+    // A binary replaced on disk reads as "NAME (deleted)".
+    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned());
+    if name.is_some_and(|n| n.starts_with(crate::LAUNCHER_BIN)) {
+        return Ok(PathBuf::from("/proc/self/exe"));
     }
     let beside = exe
         .ancestors()

@@ -170,8 +170,9 @@ fn is_executable(p: &Path) -> bool {
 /// It does what glibc's `posix_spawn` does — `clone(CLONE_VM | CLONE_VFORK)` onto a small stack
 /// of its own, so starting a process costs the same whatever the launcher's size (a `fork` of a
 /// rank with 200 MB resident is five times slower) — plus what `posix_spawn` cannot:
-/// - `PR_SET_PDEATHSIG`: the job is killed when the thread that started it dies (a job's
-///   nursery, see [`crate::nursery`]), so a job's main process never outlives what watches it.
+/// - `PR_SET_PDEATHSIG`: the job is killed when the thread that started it dies (in a
+///   launcher, its rank's process nursery, see [`crate::nursery`]), so a job's main process
+///   never outlives what watches it.
 /// - every inherited descriptor above 2 is closed (`close_range`): jobs must not hold the rank's
 ///   pipes and sockets to mpiexec, or mpiexec never notices that a rank died.
 ///
