@@ -398,7 +398,10 @@ fn killjob_kills_a_job_that_ignores_sigterm_with_its_children_within_the_promise
         !alive(pid)
     });
     let took = t.elapsed();
-    println!("killjob to the death of every process: {gone:?} (main process: {took:?})");
+    println!(
+        "balsam killjob started to the job's death: {took:?}; every process gone {gone:?} after \
+         the command returned"
+    );
     assert!(
         took < KILL_PROMISE + KILL_MARGIN,
         "the README promises {KILL_PROMISE:?}; took {took:?}"
