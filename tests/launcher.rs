@@ -756,17 +756,22 @@ fn a_crashed_rank_ends_the_launcher_and_its_jobs_and_another_launcher_recovers()
         db.state_of("c1") == "RUNNING" && wd.join("pid").exists()
     });
     let job_pid: i32 = read(&wd.join("pid")).trim().parse().unwrap();
-    // The job's parent is the worker rank that runs it: crash that rank.
-    let stat = read(Path::new(&format!("/proc/{job_pid}/stat")));
-    let rank_pid: i32 = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    // The job's parent is the process nursery of the worker rank that runs it, whose parent is
+    // that rank: crash the rank.
+    let parent = |pid: i32| -> i32 {
+        let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+        stat.rsplit_once(") ")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let nursery_pid = parent(job_pid);
+    assert!(read(Path::new(&format!("/proc/{nursery_pid}/cmdline"))).starts_with("balsam-nursery"));
+    let rank_pid = parent(nursery_pid);
     assert!(read(Path::new(&format!("/proc/{rank_pid}/cmdline"))).contains("balsam-mpi-launcher"));
     // SAFETY: kills a process of the test's own launcher.
     unsafe { libc::kill(rank_pid, libc::SIGKILL) };

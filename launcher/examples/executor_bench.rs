@@ -1,5 +1,6 @@
 //! How fast one executor (one worker's process engine) runs N `/bin/true` jobs one at a time,
-//! with everything a real job gets (working directory, output file, environment, process group).
+//! with everything a real job gets (working directory, output file, environment, its own session,
+//! a process nursery).
 //! `cargo run --release -p balsam-launcher --example executor_bench -- 5000 [packing] [executors]`
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ fn main() {
                 kill_grace: Duration::from_secs(1),
                 base_env: process::base_environment(None),
             })
+            .expect("start an executor (build balsam-mpi-launcher first)")
         })
         .collect();
     let t = Instant::now();

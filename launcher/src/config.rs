@@ -104,8 +104,9 @@ impl LaunchOptions {
 
 /// Default seconds without work before exiting (legacy: 10 idle checks a second apart).
 pub const IDLE_EXIT_SECONDS: f64 = 10.0;
-/// Default grace between SIGTERM and SIGKILL (legacy: 10 s).
-pub const KILL_GRACE_SECONDS: f64 = 5.0;
+/// Default grace between SIGTERM and SIGKILL (legacy: 10 s). One second, so that a killed job
+/// is gone within the 2 s the README promises (the kill is seen within 0.4 s).
+pub const KILL_GRACE_SECONDS: f64 = 1.0;
 /// Minutes kept free at the end of a batch allocation when the time limit comes from it.
 pub const ALLOCATION_MARGIN_MINUTES: u64 = 2;
 

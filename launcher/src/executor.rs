@@ -1,32 +1,38 @@
-//! Runs jobs' processes and watches them: the engine of a worker rank, and of rank 0's runner
-//! for MPI jobs (whose processes are `mpiexec`/`aprun`/`srun`).
+//! Runs jobs' processes and watches them, with everything they start.
 //!
-//! The [`Engine`] is single-threaded: it queues jobs, starts each when its node has room
-//! (packing units, see [`crate::packing`]), kills on request (SIGTERM to the process group, a
-//! grace period, SIGKILL) or past the job's wall time, and records what happened. Its
-//! [`Engine::wait`] sleeps in `poll(2)` on a pidfd per child: a child's exit wakes the very thread
-//! that then reaps it and starts the next job — one wake-up per job, like a plain spawn-and-wait
-//! loop. It waits for its own children only (`waitpid(pid)`), so scripts other threads run are
-//! never reaped by mistake. Where pidfds are missing (kernels before 5.3) a small thread per child
-//! waits instead and rings the engine's eventfd.
-//!
-//! A worker rank drives an engine from its MPI loop directly (no thread hop per job); rank 0 runs
-//! one in a thread ([`Executor`]) for its MPI jobs.
+//! Two halves:
+//! - The [`Engine`] runs inside a rank's process nursery ([`crate::nursery`]), the one process
+//!   that is the parent of the rank's jobs. It queues jobs, starts each when its node has room
+//!   (packing units, see [`crate::packing`]), kills on request (SIGTERM to the job's group, a
+//!   grace period, SIGKILL) or past the job's wall time, and records what happened. A job's whole
+//!   process tree lives and dies with the job: when its main process ends, what is left of its
+//!   process group is killed before the main process is reaped, and, the nursery being a child
+//!   subreaper, every process that leaves the job's group and is orphaned comes back to it,
+//!   where it is found, attributed to its job and killed when that job ends (see
+//!   [`Engine::reap`]). The engine starts the next job the moment one ends, in the process that
+//!   reaped it: no round trip per job.
+//! - The [`Executor`] is a rank's handle on a nursery from a thread of its own, driven through a
+//!   channel; rank 0 runs its MPI jobs (the `mpiexec`/`aprun`/`srun` processes) with one, and
+//!   serial jobs on its own node with another. Worker ranks drive their nursery from their MPI
+//!   loop directly ([`crate::nursery::Nursery`]), without the thread.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
+use std::os::unix::io::RawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use serde::{Deserialize, Serialize};
 
 use crate::messages::{ExitStatus, JobFinished, JobStarted, KillReason, RunJob};
-use crate::process::{self, Spawner};
+use crate::nursery::Nursery;
+use crate::process::{self, ChildList, Spawner};
 
 /// How an engine behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecutorConfig {
     /// Room on the node, in packing units (u64::MAX: no limit, the owner decides).
     pub capacity: u64,
@@ -39,7 +45,7 @@ pub struct ExecutorConfig {
 }
 
 /// What happened to a job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Event {
     /// Its process started.
     Started(JobStarted),
@@ -49,15 +55,26 @@ pub enum Event {
 
 struct Running {
     job: RunJob,
-    pidfd: Option<libc::c_int>,
     pid: u32,
     slot: u32,
     start: Instant,
     wall_deadline: Option<Instant>,
     kill: Option<(KillReason, Instant, bool)>,
+    /// `BALSAM_JOB_ID=...` as the job's environment has it: how an orphan that left the job's
+    /// session (a `setsid` daemon) is recognised as the job's while the job runs.
+    marker: Option<Vec<u8>>,
 }
 
-/// The single-threaded process engine.
+/// The environment variable that names a job in every process it starts (see
+/// [`crate::jobenv`]).
+const JOB_MARKER: &str = "BALSAM_JOB_ID";
+
+/// How soon to look again for orphans after killing some (their children are reparented to the
+/// nursery as they die, and are then killed in turn).
+const RESWEEP: Duration = Duration::from_millis(100);
+
+/// The single-threaded process engine of a nursery. It reaps every child of its process
+/// (`waitid(P_ALL)`), so it must be the only thing in its process that starts processes.
 pub struct Engine {
     cfg: ExecutorConfig,
     queue: VecDeque<RunJob>,
@@ -66,18 +83,22 @@ pub struct Engine {
     used: u64,
     slots: BTreeSet<u32>,
     spawner: Spawner,
-    bell: Arc<Bell>,
     events: Vec<Event>,
-    /// Exits seen by fallback waiting threads (no pidfd).
-    exit_tx: Sender<(u32, std::process::ExitStatus)>,
-    exit_rx: Receiver<(u32, std::process::ExitStatus)>,
-    fds: Vec<libc::pollfd>,
+    children: ChildList,
+    /// Scratch list of children.
+    kids: Vec<u32>,
+    /// Children that are not a job's main process (orphans of jobs), with the job (its main
+    /// pid) each belongs to, or None once killed.
+    orphans: HashMap<u32, Option<u32>>,
+    /// A child ended: look for orphans of jobs that ended.
+    sweep_due: bool,
+    /// Look again then (orphans were killed; their children come next).
+    resweep_at: Option<Instant>,
 }
 
 impl Engine {
     /// A new engine with nothing to run.
     pub fn new(cfg: ExecutorConfig) -> Engine {
-        let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let spawner = Spawner::new(&cfg.base_env);
         Engine {
             cfg,
@@ -87,15 +108,16 @@ impl Engine {
             used: 0,
             slots: BTreeSet::new(),
             spawner,
-            bell: Arc::new(Bell::new()),
             events: Vec::new(),
-            exit_tx,
-            exit_rx,
-            fds: Vec::new(),
+            children: ChildList::open(),
+            kids: Vec::new(),
+            orphans: HashMap::new(),
+            sweep_due: false,
+            resweep_at: None,
         }
     }
 
-    /// Queues a job; it starts when it fits (at the latest in the next [`Engine::wait`]).
+    /// Queues a job; it starts when it fits (at the latest in the next [`Engine::tick`]).
     pub fn submit(&mut self, job: RunJob) {
         self.queue.push_back(job);
     }
@@ -166,82 +188,131 @@ impl Engine {
         }
     }
 
-    /// Starts what fits, then sleeps until a child exits, the bell rings, a kill or wall-time
-    /// deadline passes, or `timeout` ends; reaps, escalates kills, and starts what fits again.
-    pub fn wait(&mut self, timeout: Duration) {
-        self.start_queued();
-        let wait = match self.next_deadline() {
-            Some(d) => d.saturating_duration_since(Instant::now()).min(timeout),
-            None => timeout,
-        };
-        // Round up so a deadline is never polled for in a busy loop of 0 ms sleeps.
-        let timeout_ms = wait.as_micros().div_ceil(1000).min(3_600_000) as libc::c_int;
-        self.fds.clear();
-        self.fds.push(libc::pollfd {
-            fd: self.bell.0,
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for r in self.running.values() {
-            if let Some(fd) = r.pidfd {
-                self.fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+    /// Reaps every child that ended: a job's main process (its outcome is recorded, and what is
+    /// left of its process group is killed first, while the zombie still holds the group's id so
+    /// that it cannot name another group), or an orphan. Call it when SIGCHLD arrives.
+    pub fn reap(&mut self) {
+        loop {
+            // SAFETY: waitid(2) with a valid siginfo; WNOWAIT leaves the child to reap below.
+            let pid = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                let r = libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                );
+                if r != 0 {
+                    break;
+                }
+                info.si_pid()
+            };
+            if pid <= 0 {
+                break;
             }
+            let pid = pid as u32;
+            let is_job = self.running.contains_key(&pid);
+            if is_job {
+                process::signal_group(pid, libc::SIGKILL);
+            }
+            let mut status: libc::c_int = 0;
+            // SAFETY: reaps the child waitid just reported as ended.
+            let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+            if r != pid as libc::pid_t {
+                break;
+            }
+            if is_job {
+                self.exited(pid, std::process::ExitStatus::from_raw(status));
+            } else {
+                self.orphans.remove(&pid);
+            }
+            self.sweep_due = true;
         }
-        // SAFETY: poll(2) on a valid array of pollfd structs of the given length.
-        let n = unsafe {
-            libc::poll(
-                self.fds.as_mut_ptr(),
-                self.fds.len() as libc::nfds_t,
-                timeout_ms,
-            )
-        };
-        if n > 0 {
-            if self.fds[0].revents != 0 {
-                self.bell.clear();
+    }
+
+    /// Kills what past kills and wall times call for, looks for orphans when due, and starts
+    /// what fits.
+    pub fn tick(&mut self) {
+        self.check_deadlines();
+        if self.sweep_due || self.resweep_at.is_some_and(|t| t <= Instant::now()) {
+            self.sweep();
+        }
+        self.start_queued();
+    }
+
+    /// Every child that is not a running job's main process is an orphan of a job (the nursery
+    /// starts nothing else): kept while its job runs, killed with its process group otherwise.
+    /// An orphan belongs to the running job whose session or process group it is in, or, having
+    /// left both (`setsid`), whose `BALSAM_JOB_ID` its environment carries.
+    fn sweep(&mut self) {
+        self.sweep_due = false;
+        self.resweep_at = None;
+        self.children.read(&mut self.kids);
+        let mut killed = false;
+        for i in 0..self.kids.len() {
+            let c = self.kids[i];
+            if self.running.contains_key(&c) {
+                continue;
             }
-            let ready: Vec<libc::c_int> = self.fds[1..]
-                .iter()
-                .filter(|f| f.revents != 0)
-                .map(|f| f.fd)
-                .collect();
-            if !ready.is_empty() {
-                let pids: Vec<u32> = self
-                    .running
-                    .values()
-                    .filter(|r| r.pidfd.is_some_and(|fd| ready.contains(&fd)))
-                    .map(|r| r.pid)
-                    .collect();
-                for pid in pids {
-                    self.reap(pid);
+            if let Some(Some(owner)) = self.orphans.get(&c) {
+                if self.running.contains_key(owner) {
+                    continue;
+                }
+            }
+            let ids = process::group_and_session(c);
+            match ids.and_then(|(pgrp, sid)| self.owner_of(c, pgrp, sid)) {
+                Some(owner) => {
+                    self.orphans.insert(c, Some(owner));
+                }
+                None => {
+                    if let Some((pgrp, _)) = ids {
+                        // An orphan of a job leads a group of the job's own making, or is in
+                        // one: never the nursery's.
+                        if pgrp > 1 && pgrp != std::process::id() {
+                            // SAFETY: kill(2) of a process group made inside a job.
+                            unsafe { libc::kill(-(pgrp as libc::pid_t), libc::SIGKILL) };
+                        }
+                    }
+                    // SAFETY: kill(2) of our own child.
+                    unsafe { libc::kill(c as libc::pid_t, libc::SIGKILL) };
+                    if self.orphans.insert(c, None).is_none() {
+                        tracing::info!("killed pid {c}, left behind by a job that ended");
+                    }
+                    killed = true;
                 }
             }
         }
-        while let Ok((pid, st)) = self.exit_rx.try_recv() {
-            self.exited(pid, st);
+        if killed {
+            self.resweep_at = Some(Instant::now() + RESWEEP);
         }
-        self.check_deadlines();
-        self.start_queued();
     }
 
-    /// A handle that wakes [`Engine::wait`] from another thread.
-    fn bell(&self) -> Arc<Bell> {
-        self.bell.clone()
+    /// The running job (its main pid) an orphan belongs to.
+    fn owner_of(&self, pid: u32, pgrp: u32, sid: u32) -> Option<u32> {
+        if self.running.contains_key(&sid) {
+            return Some(sid);
+        }
+        if self.running.contains_key(&pgrp) {
+            return Some(pgrp);
+        }
+        self.running
+            .values()
+            .filter_map(|r| r.marker.as_deref().map(|m| (r.pid, m)))
+            .find(|(_, m)| process::environment_has(pid, m))
+            .map(|(owner, _)| owner)
     }
 
-    fn reap(&mut self, pid: u32) {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid on our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-        if r == pid as libc::pid_t {
-            self.exited(pid, std::process::ExitStatus::from_raw(status));
-        } else if r < 0 {
-            tracing::error!("waiting for pid {pid}: {}", std::io::Error::last_os_error());
-            self.exited(pid, std::process::ExitStatus::from_raw(255 << 8));
+    /// Kills every process of this nursery, jobs and orphans, and reaps them, for at most
+    /// `limit`: the rank is gone, nobody will hear about them.
+    pub fn teardown(&mut self, limit: Duration) {
+        for pid in self.running.keys() {
+            process::signal_group(*pid, libc::SIGKILL);
         }
+        if !self.running.is_empty() {
+            tracing::warn!("killed {} running jobs", self.running.len());
+        }
+        self.running.clear();
+        process::kill_and_reap_all_children(limit);
     }
 
     fn start_queued(&mut self) {
@@ -282,12 +353,13 @@ impl Engine {
         };
         match self.spawner.spawn(argv, &job.workdir, &job.output, env) {
             Ok(pid) => {
-                let pidfd = pidfd_open(pid);
-                if pidfd.is_none() {
-                    self.wait_in_thread(pid);
-                }
                 let now = Instant::now();
                 let wall_deadline = job.wall_time_limit_s.map(|s| now + Duration::from_secs(s));
+                let marker = job
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == JOB_MARKER)
+                    .map(|(k, v)| format!("{k}={v}").into_bytes());
                 self.used += cost;
                 self.slots.insert(slot);
                 self.by_pk.insert(job.pk, pid);
@@ -300,20 +372,20 @@ impl Engine {
                     pid,
                     Running {
                         job,
-                        pidfd,
                         pid,
                         slot,
                         start: now,
                         wall_deadline,
                         kill: None,
+                        marker,
                     },
                 );
             }
-            Err(why) => {
-                tracing::warn!("{}: {why}", job.cute_id);
+            Err(e) => {
+                tracing::warn!("{}: {e}", job.cute_id);
                 self.events.push(Event::Finished(JobFinished {
                     pk: job.pk,
-                    status: ExitStatus::NotStarted(why),
+                    status: e.into_status(),
                     tail: String::new(),
                     elapsed_ms: 0,
                     killed: None,
@@ -323,35 +395,10 @@ impl Engine {
         }
     }
 
-    /// Fallback without pidfds: a small thread blocks in waitpid(pid) and rings the bell.
-    fn wait_in_thread(&self, pid: u32) {
-        let tx = self.exit_tx.clone();
-        let bell = self.bell.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("wait-{pid}"))
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut status: libc::c_int = 0;
-                // SAFETY: waitpid on a child of this process with a valid status pointer.
-                let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
-                if r == pid as libc::pid_t {
-                    let _ = tx.send((pid, std::process::ExitStatus::from_raw(status)));
-                    bell.ring();
-                }
-            });
-        if spawned.is_err() {
-            tracing::error!("cannot start a thread to wait for pid {pid}");
-        }
-    }
-
     fn exited(&mut self, pid: u32, st: std::process::ExitStatus) {
         let Some(r) = self.running.remove(&pid) else {
             return;
         };
-        if let Some(fd) = r.pidfd {
-            // SAFETY: closes the pidfd this entry owned.
-            unsafe { libc::close(fd) };
-        }
         self.by_pk.remove(&r.job.pk);
         self.slots.remove(&r.slot);
         self.used = self.used.saturating_sub(r.job.cost.min(self.cfg.capacity));
@@ -363,6 +410,19 @@ impl Engine {
             (Some(_), ExitStatus::Code(0)) => None,
             (k, _) => k,
         };
+        if let Some(reason) = killed {
+            tracing::info!(
+                "{}: pid {pid} ended ({}) {:.2} s after the kill ({reason:?})",
+                r.job.cute_id,
+                status.describe(),
+                r.kill
+                    .map(|(_, escalate, _)| {
+                        (Instant::now() + self.cfg.kill_grace).saturating_duration_since(escalate)
+                    })
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            );
+        }
         let tail = if status.success() {
             String::new()
         } else {
@@ -385,7 +445,7 @@ impl Engine {
         }));
     }
 
-    /// The next kill escalation or wall-time limit.
+    /// The next kill escalation, wall-time limit or look for orphans.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.running
             .values()
@@ -394,6 +454,7 @@ impl Engine {
                 Some((_, _, true)) => None,
                 None => r.wall_deadline,
             })
+            .chain(self.resweep_at)
             .min()
     }
 
@@ -426,17 +487,6 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        for r in self.running.values() {
-            if let Some(fd) = r.pidfd {
-                // SAFETY: closes pidfds this engine owns.
-                unsafe { libc::close(fd) };
-            }
-        }
-    }
-}
-
 /// A request to a threaded [`Executor`].
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -448,8 +498,8 @@ pub enum Request {
     KillAll(KillReason),
 }
 
-/// An [`Engine`] in a thread of its own, driven through a channel; every event is delivered at
-/// once. Rank 0 runs its MPI jobs with one.
+/// A process nursery driven from a thread of its own through a channel; every event is
+/// delivered at once. Rank 0 runs its MPI jobs with one.
 pub struct Executor {
     tx: Option<Sender<Request>>,
     bell: Arc<Bell>,
@@ -459,22 +509,37 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Starts the executor thread.
-    pub fn start(cfg: ExecutorConfig) -> Executor {
-        let (tx, rx) = crossbeam_channel::unbounded::<Request>();
+    /// Starts a nursery (from the calling thread: it is the nursery's parent, whose end the
+    /// nursery watches, so call it from a thread that lives as long as the rank) and the thread
+    /// that drives it.
+    pub fn start(cfg: ExecutorConfig) -> crate::Result<Executor> {
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
-        let engine = Engine::new(cfg);
-        let bell = engine.bell();
+        Executor::with_sink(cfg, ev_rx, move |e| {
+            let _ = ev_tx.send(e);
+        })
+    }
+
+    /// Like [`Executor::start`], handing every event to `sink` (on the executor's thread);
+    /// `events` is what [`Executor::events`] will be.
+    pub(crate) fn with_sink(
+        cfg: ExecutorConfig,
+        events: Receiver<Event>,
+        sink: impl FnMut(Event) + Send + 'static,
+    ) -> crate::Result<Executor> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Request>();
+        let nursery = Nursery::start(&cfg)?;
+        let bell = Arc::new(Bell::new());
+        let b = bell.clone();
         let handle = std::thread::Builder::new()
             .name("executor".into())
-            .spawn(move || drive(engine, rx, ev_tx))
-            .expect("cannot start the executor thread");
-        Executor {
+            .spawn(move || drive(nursery, rx, b, sink))
+            .map_err(|e| crate::Error::io("cannot start the executor thread", e))?;
+        Ok(Executor {
             tx: Some(tx),
             bell,
-            events: ev_rx,
+            events,
             handle: Some(handle),
-        }
+        })
     }
 
     /// Sends a request.
@@ -486,18 +551,19 @@ impl Executor {
     }
 }
 
-fn drive(mut engine: Engine, rx: Receiver<Request>, events: Sender<Event>) {
+fn drive(
+    mut nursery: Nursery,
+    rx: Receiver<Request>,
+    bell: Arc<Bell>,
+    mut sink: impl FnMut(Event),
+) {
     let mut open = true;
     loop {
         loop {
             match rx.try_recv() {
-                Ok(Request::Run(job)) => engine.submit(job),
-                Ok(Request::Kill(pks, reason)) => {
-                    for pk in pks {
-                        engine.kill(pk, reason);
-                    }
-                }
-                Ok(Request::KillAll(reason)) => engine.kill_all(reason),
+                Ok(Request::Run(job)) => nursery.submit(job),
+                Ok(Request::Kill(pks, reason)) => nursery.kill(pks, reason),
+                Ok(Request::KillAll(reason)) => nursery.kill_all(reason),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     open = false;
@@ -505,15 +571,21 @@ fn drive(mut engine: Engine, rx: Receiver<Request>, events: Sender<Event>) {
                 }
             }
         }
-        for e in engine.take_events() {
-            let _ = events.send(e);
+        for e in nursery.take_events() {
+            sink(e);
         }
-        if !open && engine.is_idle() {
+        if !open && nursery.is_idle() {
+            // Dropping the nursery ends it, and waits for that.
             return;
         }
-        engine.wait(Duration::from_secs(3600));
-        for e in engine.take_events() {
-            let _ = events.send(e);
+        if nursery.wait(Duration::from_secs(3600), Some(bell.0)) {
+            bell.clear();
+        }
+        if nursery.is_lost() {
+            crate::nursery::fatal_loss("an executor's process nursery ended");
+        }
+        for e in nursery.take_events() {
+            sink(e);
         }
     }
 }
@@ -531,8 +603,8 @@ impl Drop for Executor {
     }
 }
 
-/// An eventfd: any thread rings it, the engine sleeps on it in poll(2).
-struct Bell(libc::c_int);
+/// An eventfd: any thread rings it, the executor's thread sleeps on it in poll(2).
+struct Bell(RawFd);
 
 impl Bell {
     fn new() -> Bell {
@@ -561,156 +633,5 @@ impl Drop for Bell {
     fn drop(&mut self) {
         // SAFETY: closes the fd this Bell owns.
         unsafe { libc::close(self.0) };
-    }
-}
-
-/// A pidfd for a child, when the kernel has them.
-fn pidfd_open(pid: u32) -> Option<libc::c_int> {
-    // SAFETY: pidfd_open(2) on our own unreaped child; returns a new fd (close-on-exec) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    (fd >= 0).then_some(fd as libc::c_int)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::packing;
-
-    fn job(dir: &std::path::Path, pk: i64, cmd: &str, cost: u64) -> RunJob {
-        RunJob {
-            pk,
-            cute_id: format!("[j{pk}]"),
-            argv: vec!["sh".into(), "-c".into(), cmd.into()],
-            envscript: None,
-            workdir: dir.to_path_buf(),
-            output: dir.join(format!("j{pk}.out")),
-            env: vec![("JOBVAR".into(), pk.to_string())],
-            cost,
-            wall_time_limit_s: None,
-        }
-    }
-
-    fn finished(ex: &Executor, n: usize) -> Vec<JobFinished> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            match ex
-                .events
-                .recv_timeout(Duration::from_secs(20))
-                .expect("event in time")
-            {
-                Event::Finished(f) => out.push(f),
-                Event::Started(_) => {}
-            }
-        }
-        out.sort_by_key(|f| f.pk);
-        out
-    }
-
-    fn cfg() -> ExecutorConfig {
-        ExecutorConfig {
-            capacity: packing::NODE,
-            gpus_per_node: 0,
-            kill_grace: Duration::from_millis(300),
-            base_env: process::base_environment(None),
-        }
-    }
-
-    #[test]
-    fn runs_reports_and_kills() {
-        let dir = tempfile::tempdir().unwrap();
-        let ex = Executor::start(cfg());
-        ex.send(Request::Run(job(
-            dir.path(),
-            1,
-            "echo out $JOBVAR",
-            packing::cost(4),
-        )));
-        ex.send(Request::Run(job(
-            dir.path(),
-            2,
-            "echo oops >&2; exit 3",
-            packing::cost(4),
-        )));
-        ex.send(Request::Run(job(
-            dir.path(),
-            3,
-            "trap '' TERM; echo ready; sleep 30",
-            packing::cost(4),
-        )));
-        let mut j4 = job(dir.path(), 4, "x", packing::cost(4));
-        j4.argv = vec!["/no/such/program".into()];
-        ex.send(Request::Run(j4));
-        let f = finished(&ex, 3);
-        assert_eq!(f[0].status, ExitStatus::Code(0));
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("j1.out")).unwrap(),
-            "out 1\n"
-        );
-        assert_eq!(f[1].status, ExitStatus::Code(3));
-        assert_eq!(f[1].tail, "oops");
-        assert!(matches!(&f[2].status, ExitStatus::NotStarted(w) if w.contains("not found")));
-        // Job 3 ignores SIGTERM: the kill escalates to SIGKILL after the grace.
-        while std::fs::read_to_string(dir.path().join("j3.out"))
-            .unwrap_or_default()
-            .is_empty()
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let t = Instant::now();
-        ex.send(Request::Kill(vec![3], KillReason::User));
-        let f = finished(&ex, 1);
-        assert_eq!(f[0].status, ExitStatus::Signal(libc::SIGKILL));
-        assert_eq!(f[0].killed, Some(KillReason::User));
-        assert!(t.elapsed() < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn packing_limits_concurrency_and_wall_time_is_enforced() {
-        let dir = tempfile::tempdir().unwrap();
-        let ex = Executor::start(cfg());
-        let log = dir.path().join("log");
-        let cmd = format!(
-            "echo start >> {0}; sleep 0.3; echo end >> {0}",
-            log.display()
-        );
-        for pk in 0..4 {
-            ex.send(Request::Run(job(dir.path(), pk, &cmd, packing::cost(2))));
-        }
-        let mut slow = job(dir.path(), 9, "sleep 30", packing::cost(2));
-        slow.wall_time_limit_s = Some(1);
-        let f = finished(&ex, 4);
-        assert!(f.iter().all(|f| f.status.success()));
-        let text = std::fs::read_to_string(&log).unwrap();
-        let (mut now, mut max) = (0, 0);
-        for l in text.lines() {
-            now += if l == "start" { 1 } else { -1 };
-            max = max.max(now);
-        }
-        assert_eq!(max, 2, "{text}");
-        ex.send(Request::Run(slow));
-        let f = finished(&ex, 1);
-        assert_eq!(f[0].killed, Some(KillReason::WallTime));
-    }
-
-    #[test]
-    fn gpus_are_assigned_per_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let ex = Executor::start(ExecutorConfig {
-            gpus_per_node: 2,
-            ..cfg()
-        });
-        for pk in 0..3 {
-            ex.send(Request::Run(job(
-                dir.path(),
-                pk,
-                "echo $CUDA_VISIBLE_DEVICES; sleep 0.2",
-                packing::cost(4),
-            )));
-        }
-        finished(&ex, 3);
-        let gpus: Vec<String> = (0..3)
-            .map(|pk| std::fs::read_to_string(dir.path().join(format!("j{pk}.out"))).unwrap())
-            .collect();
-        assert_eq!(gpus, ["0\n", "1\n", "0\n"]);
     }
 }

@@ -5,8 +5,10 @@
 //! serial jobs out to the worker ranks ([`worker`]) over MPI messages ([`messages`]), packing
 //! several per node ([`packing`], [`nodes`]), and starts multi-node jobs itself with the system's
 //! MPI launcher ([`mpirun`]) on nodes it reserves. Processes are started and watched by
-//! [`executor`] through [`process`]. Everything before and after a run — parents, stage-in,
-//! pre/postprocess, stage-out — is in [`transitions`], which the service runs too.
+//! [`executor`] through [`process`], inside each rank's process [`nursery`], so that every
+//! process a job starts ends with the job, and with its rank. Everything before and after a
+//! run — parents, stage-in, pre/postprocess, stage-out — is in [`transitions`], which the
+//! service runs too.
 //!
 //! Failures of jobs never stop the launcher; a failure of the launcher (a panic in any rank)
 //! aborts the whole MPI job within seconds, and its leases expire so another launcher finishes
@@ -21,6 +23,7 @@ pub mod master;
 pub mod messages;
 pub mod mpirun;
 pub mod nodes;
+pub mod nursery;
 pub mod packing;
 pub mod process;
 pub mod store_thread;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use balsam_launcher::{logging, master, worker, LaunchOptions};
+use balsam_launcher::{logging, master, nursery, process, worker, LaunchOptions};
 use clap::Parser;
 use mpi::topology::Communicator;
 use mpi::Threading;
@@ -22,7 +22,14 @@ struct Cli {
 }
 
 fn main() {
+    // The same binary is each rank's process nursery (see `nursery`): that mode takes over here.
+    nursery::run_if_requested();
     let cli = Cli::parse();
+    // Processes orphaned below this rank come back to it rather than to init: should a nursery
+    // die on its own, the rank finds what its jobs left, kills it and ends (nursery::fatal_loss).
+    if let Err(e) = process::become_subreaper() {
+        eprintln!("balsam-mpi-launcher: cannot become a child subreaper: {e}");
+    }
     let Some((universe, _threading)) = mpi::initialize_with_threading(Threading::Funneled) else {
         eprintln!("balsam-mpi-launcher: MPI was already initialized");
         std::process::exit(1);

@@ -38,6 +38,7 @@ use crate::messages::{
 };
 use crate::mpirun::{self, MpiRun};
 use crate::nodes::{self, NodeMap};
+use crate::nursery::ScriptNursery;
 use crate::packing;
 use crate::process;
 use crate::store_thread::{self, Class, Demand, FromStore, Runnable, StoreThreadConfig, ToStore};
@@ -290,6 +291,9 @@ fn start<'w>(
             base_env: base_env.clone(),
         })
     });
+    let local = local
+        .transpose()
+        .context("cannot run jobs on rank 0's node")?;
     for w in workers.iter().filter(|w| w.rank != 0) {
         let setup = WorkerSetup {
             session,
@@ -361,6 +365,10 @@ fn start<'w>(
             transition_opts: TransitionOptions {
                 launcher: Some(launcher_ctx),
                 kill_grace: cfg.kill_grace,
+                scripts: Some(
+                    ScriptNursery::start(cfg.kill_grace, base_env.clone())
+                        .context("cannot run pre- and postprocess scripts")?,
+                ),
                 ..TransitionOptions::default()
             },
         },
@@ -375,7 +383,8 @@ fn start<'w>(
         gpus_per_node: 0,
         kill_grace: cfg.kill_grace,
         base_env,
-    });
+    })
+    .context("cannot run MPI jobs")?;
     let m = Master {
         world,
         session,

@@ -123,6 +123,10 @@ pub enum ExitStatus {
     Signal(i32),
     /// It never started: the executable is missing, not executable, the workdir is gone...
     NotStarted(String),
+    /// It never started because the launcher cannot write the job's files (its output file or
+    /// working directory: disk full, over quota, read-only, missing, permission denied). Not the
+    /// job's fault: it should run again later, as it was.
+    Infrastructure(String),
 }
 
 impl ExitStatus {
@@ -137,7 +141,7 @@ impl ExitStatus {
         match self {
             ExitStatus::Code(c) => *c,
             ExitStatus::Signal(s) => -s,
-            ExitStatus::NotStarted(_) => 127,
+            ExitStatus::NotStarted(_) | ExitStatus::Infrastructure(_) => 127,
         }
     }
 
@@ -147,6 +151,9 @@ impl ExitStatus {
             ExitStatus::Code(c) => format!("exit code {c}"),
             ExitStatus::Signal(s) => format!("killed by signal {s} ({})", signal_name(*s)),
             ExitStatus::NotStarted(why) => format!("could not start: {why}"),
+            ExitStatus::Infrastructure(why) => {
+                format!("could not start, the launcher cannot write the job's files: {why}")
+            }
         }
     }
 }
@@ -314,5 +321,9 @@ mod tests {
         assert_eq!(ExitStatus::Signal(9).return_code(), -9);
         assert!(ExitStatus::Signal(9).describe().contains("SIGKILL"));
         assert!(ExitStatus::Code(0).success());
+        let full = ExitStatus::Infrastructure("cannot open output file /d/j.out: No space".into());
+        assert_eq!(full.return_code(), 127);
+        assert!(!full.success());
+        assert!(full.describe().contains("cannot write the job's files"));
     }
 }

@@ -4,7 +4,8 @@
 //!   them ([`command_argv`]); a `.py` program runs under `python3`. With an envscript the command
 //!   runs as `bash -c 'source "$0" && exec "$@"' envscript argv...`, so no quoting is involved.
 //! - stdout and stderr go to one file, appended to (a restarted job keeps its earlier output).
-//! - The process leads its own process group, so a kill reaches everything it started.
+//! - The process leads its own session (and process group), so a kill reaches everything it
+//!   started, and whatever is left of it when it ends can be found (see [`crate::nursery`]).
 //! - Its environment is the launcher's minus the MPI variables ([`base_environment`]): a child
 //!   that inherits PMI_* from its rank hangs in MPI_Init (MPICH) or fails (Open MPI).
 //! - The program is resolved on PATH here, once per name.
@@ -18,6 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::messages::ExitStatus;
@@ -168,13 +170,14 @@ fn is_executable(p: &Path) -> bool {
 /// It does what glibc's `posix_spawn` does — `clone(CLONE_VM | CLONE_VFORK)` onto a small stack
 /// of its own, so starting a process costs the same whatever the launcher's size (a `fork` of a
 /// rank with 200 MB resident is five times slower) — plus what `posix_spawn` cannot:
-/// - `PR_SET_PDEATHSIG`: the job is killed when the thread that started it dies. A crashed or
-///   killed rank thus never leaves running orphans behind that another launcher would run a
-///   second time once the leases expire.
+/// - `PR_SET_PDEATHSIG`: the job is killed when the thread that started it dies (in a
+///   launcher, its rank's process nursery, see [`crate::nursery`]), so a job's main process
+///   never outlives what watches it.
 /// - every inherited descriptor above 2 is closed (`close_range`): jobs must not hold the rank's
 ///   pipes and sockets to mpiexec, or mpiexec never notices that a rank died.
 ///
-/// Also: a new process group (kills reach everything the job starts), every signal back to its
+/// Also: a new session, led by the job (kills reach its whole group, and what escapes the group
+/// still carries the session id, by which the nursery finds it), every signal back to its
 /// default and unblocked (Rust ignores SIGPIPE), stdin from /dev/null, stdout and stderr appended
 /// to one file, the working directory entered. The base environment is converted to C strings
 /// once; a spawn allocates only the job's own strings.
@@ -225,7 +228,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::sigaction(sig, &dfl, std::ptr::null_mut());
             }
         }
-        libc::setpgid(0, 0);
+        libc::setsid();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         if libc::getppid() != a.parent {
             return fail(a, STEP_PARENT_GONE);
@@ -287,25 +290,25 @@ impl Spawner {
     }
 
     /// Starts `argv` in `workdir` with stdout and stderr appended to `output`, the base
-    /// environment plus `env` (which wins). Returns the pid, or why it could not start, in words.
+    /// environment plus `env` (which wins). Returns the pid, or why it could not start.
     pub fn spawn(
         &mut self,
         argv: &[String],
         workdir: &Path,
         output: &Path,
         env: &[(String, String)],
-    ) -> std::result::Result<u32, String> {
+    ) -> std::result::Result<u32, SpawnError> {
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
         let Some(program) = argv.first() else {
-            return Err("empty command line".into());
+            return Err(SpawnError::job("empty command line"));
         };
         let resolved = self
             .paths
             .resolve(program)
-            .ok_or_else(|| format!("executable {program:?} not found on PATH"))?;
+            .ok_or_else(|| SpawnError::job(format!("executable {program:?} not found on PATH")))?;
         let cstr = |b: &[u8], what: &str| {
-            CString::new(b).map_err(|_| format!("{what} contains a NUL byte"))
+            CString::new(b).map_err(|_| SpawnError::job(format!("{what} contains a NUL byte")))
         };
         let prog = cstr(resolved.as_os_str().as_bytes(), "the program path")?;
         let c_argv: Vec<CString> = argv
@@ -359,10 +362,10 @@ impl Spawner {
             let clone_errno = *libc::__errno_location();
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             if pid < 0 {
-                return Err(format!(
+                return Err(SpawnError::job(format!(
                     "cannot start a process: {}",
                     std::io::Error::from_raw_os_error(clone_errno)
-                ));
+                )));
             }
             pid
         };
@@ -373,31 +376,88 @@ impl Spawner {
         let mut st = 0;
         // SAFETY: waits for the child just created.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        let err = std::io::Error::from_raw_os_error(args.errno);
-        Err(match args.step {
-            STEP_OUTPUT => format!("cannot open output file {}: {err}", output.display()),
-            STEP_CHDIR if err.kind() == std::io::ErrorKind::NotFound => {
-                format!("working directory {} does not exist", workdir.display())
-            }
-            STEP_CHDIR => format!(
-                "cannot enter working directory {}: {err}",
-                workdir.display()
+        Err(classify(args.step, args.errno, &resolved, workdir, output))
+    }
+}
+
+/// Why a process could not start, and whose fault it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    /// In words, naming the file or program.
+    pub why: String,
+    /// True when the launcher cannot write the job's files (disk full, quota, read-only or
+    /// missing directory, permissions): the job itself is not at fault and should run later.
+    pub infrastructure: bool,
+}
+
+impl SpawnError {
+    fn job(why: impl Into<String>) -> SpawnError {
+        SpawnError {
+            why: why.into(),
+            infrastructure: false,
+        }
+    }
+
+    /// The job's outcome: [`ExitStatus::Infrastructure`] or [`ExitStatus::NotStarted`].
+    pub fn into_status(self) -> ExitStatus {
+        if self.infrastructure {
+            ExitStatus::Infrastructure(self.why)
+        } else {
+            ExitStatus::NotStarted(self.why)
+        }
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+/// Errors on the job's own files that mean the file system failed the launcher, not the job.
+fn is_infrastructure_errno(errno: libc::c_int) -> bool {
+    matches!(
+        errno,
+        libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::ENOENT
+    )
+}
+
+/// Turns the step that failed before exec, and its errno, into words and a verdict.
+fn classify(
+    step: libc::c_int,
+    errno: libc::c_int,
+    program: &Path,
+    workdir: &Path,
+    output: &Path,
+) -> SpawnError {
+    let err = std::io::Error::from_raw_os_error(errno);
+    let files = |why: String| SpawnError {
+        why,
+        infrastructure: is_infrastructure_errno(errno),
+    };
+    match step {
+        STEP_OUTPUT => files(format!(
+            "cannot open output file {}: {err}",
+            output.display()
+        )),
+        STEP_CHDIR if errno == libc::ENOENT => files(format!(
+            "working directory {} does not exist",
+            workdir.display()
+        )),
+        STEP_CHDIR => files(format!(
+            "cannot enter working directory {}: {err}",
+            workdir.display()
+        )),
+        STEP_EXEC => SpawnError::job(match err.kind() {
+            std::io::ErrorKind::NotFound => format!("executable {} not found", program.display()),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "executable {} is not executable (permission denied)",
+                program.display()
             ),
-            STEP_EXEC => match err.kind() {
-                std::io::ErrorKind::NotFound => {
-                    format!("executable {} not found", resolved.display())
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    format!(
-                        "executable {} is not executable (permission denied)",
-                        resolved.display()
-                    )
-                }
-                _ => format!("cannot execute {}: {err}", resolved.display()),
-            },
-            STEP_PARENT_GONE => "the launcher thread that started it ended".into(),
-            _ => format!("cannot start {}: {err}", resolved.display()),
-        })
+            _ => format!("cannot execute {}: {err}", program.display()),
+        }),
+        STEP_PARENT_GONE => SpawnError::job("the launcher thread that started it ended"),
+        _ => SpawnError::job(format!("cannot start {}: {err}", program.display())),
     }
 }
 
@@ -436,6 +496,185 @@ pub fn signal_group(pid: u32, sig: i32) {
     unsafe {
         libc::kill(-pid, sig);
         libc::kill(pid, sig);
+    }
+}
+
+/// Waits for a child of this process (by pid) that leads its own session; once it has ended,
+/// and before it is reaped (so its id cannot be reused meanwhile), kills what is left of its
+/// process group. Returns its status.
+pub fn wait_pid_and_clear_group(pid: u32) -> std::io::Result<std::process::ExitStatus> {
+    loop {
+        // SAFETY: waitid(2) on our own child with a valid siginfo; WNOWAIT leaves it a zombie.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    signal_group(pid, libc::SIGKILL);
+    wait_pid(pid)
+}
+
+/// Makes this process a child subreaper (PR_SET_CHILD_SUBREAPER): processes orphaned below it
+/// are reparented to it instead of to init, so it can find, kill and reap them.
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl(2) with an integer argument; affects this process only.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The process group and session of a process (from `/proc/PID/stat`); None when it is gone.
+pub fn group_and_session(pid: u32) -> Option<(u32, u32)> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let end = stat.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&stat[end + 1..]).ok()?;
+    let mut f = rest.split_ascii_whitespace();
+    // state, ppid, pgrp, session
+    let pgrp = f.nth(2)?.parse().ok()?;
+    let sid = f.next()?.parse().ok()?;
+    Some((pgrp, sid))
+}
+
+/// Whether the environment a process started with holds `needle` (`NAME=value`) as an entry.
+pub fn environment_has(pid: u32, needle: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|e| e == needle))
+        .unwrap_or(false)
+}
+
+/// The children of this process, read from `/proc/self/task/TID/children` (CONFIG_PROC_CHILDREN),
+/// with the file kept open so a look costs one `pread`. Only the children of the thread that made
+/// it are listed: fine for a single-threaded process such as the nursery, whose orphans are
+/// reparented to its one thread. Without the file it scans /proc for processes whose parent is
+/// this process.
+pub struct ChildList {
+    file: Option<File>,
+    buf: Vec<u8>,
+}
+
+impl ChildList {
+    /// Opens the calling thread's list.
+    pub fn open() -> ChildList {
+        // SAFETY: gettid(2) has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        ChildList {
+            file: File::open(format!("/proc/self/task/{tid}/children")).ok(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The pids of this process's children now, into `out`.
+    pub fn read(&mut self, out: &mut Vec<u32>) {
+        use std::os::unix::fs::FileExt;
+        out.clear();
+        let Some(f) = &self.file else {
+            return children_by_scan(out);
+        };
+        let mut len = 0;
+        loop {
+            if self.buf.len() - len < 4096 {
+                self.buf.resize(self.buf.len() + 16 * 1024, 0);
+            }
+            match f.read_at(&mut self.buf[len..], len as u64) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return children_by_scan(out),
+            }
+        }
+        out.extend(
+            self.buf[..len]
+                .split(|b| *b == b' ' || *b == b'\n')
+                .filter_map(|w| std::str::from_utf8(w).ok()?.parse::<u32>().ok()),
+        );
+    }
+}
+
+/// Children of this process by a scan of /proc (slow; only where the children file is missing).
+fn children_by_scan(out: &mut Vec<u32>) {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(end) = stat.iter().rposition(|b| *b == b')') else {
+            continue;
+        };
+        let ppid = std::str::from_utf8(&stat[end + 1..])
+            .ok()
+            .and_then(|r| r.split_ascii_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(me) {
+            out.push(pid);
+        }
+    }
+}
+
+/// Every child of this process, whatever thread it hangs under.
+pub fn all_children() -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    text.split_ascii_whitespace()
+                        .filter_map(|w| w.parse::<u32>().ok()),
+                );
+            }
+        }
+    } else {
+        children_by_scan(&mut out);
+    }
+    out
+}
+
+/// Kills every child of this process with its process group, and what gets reparented to it
+/// meanwhile (it is a subreaper), reaping them, for at most `limit`. The last resort of a rank
+/// that lost its nursery: the jobs' descendants came to it.
+pub fn kill_and_reap_all_children(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    // SAFETY: getpgrp has no preconditions.
+    let own_group = unsafe { libc::getpgrp() } as u32;
+    loop {
+        let mut st = 0;
+        // SAFETY: reaps any exited child without blocking.
+        while unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) } > 0 {}
+        let kids = all_children();
+        if kids.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for c in kids {
+            if let Some((pgrp, _)) = group_and_session(c) {
+                if pgrp != own_group && pgrp > 1 {
+                    // SAFETY: kill(2) of a process group our child leads or belongs to.
+                    unsafe { libc::kill(-(pgrp as libc::pid_t), libc::SIGKILL) };
+                }
+            }
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(c as libc::pid_t, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -569,6 +808,7 @@ mod tests {
         assert!(sp
             .spawn(&argv, dir.path(), &out, &[])
             .unwrap_err()
+            .why
             .contains("not found"));
     }
 
@@ -603,11 +843,12 @@ mod tests {
         let e = sp
             .spawn(&["/no/such".to_string()], dir.path(), &out, &[])
             .unwrap_err();
-        assert!(e.contains("not found"), "{e}");
+        assert!(e.why.contains("not found") && !e.infrastructure, "{e}");
         let e = sp
             .spawn(&["true".to_string()], &dir.path().join("gone"), &out, &[])
             .unwrap_err();
-        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.why.contains("does not exist") && e.infrastructure, "{e}");
+        assert!(matches!(e.into_status(), ExitStatus::Infrastructure(_)));
         let e = sp
             .spawn(
                 &["true".to_string()],
@@ -616,13 +857,17 @@ mod tests {
                 &[],
             )
             .unwrap_err();
-        assert!(e.contains("cannot open output file"), "{e}");
+        assert!(
+            e.why.contains("cannot open output file") && e.infrastructure,
+            "{e}"
+        );
         let noexec = dir.path().join("noexec");
         std::fs::write(&noexec, "#!/bin/sh\n").unwrap();
         let e = sp
             .spawn(&[noexec.display().to_string()], dir.path(), &out, &[])
             .unwrap_err();
-        assert!(e.contains("not executable"), "{e}");
+        assert!(e.why.contains("not executable") && !e.infrastructure, "{e}");
+        assert!(matches!(e.into_status(), ExitStatus::NotStarted(_)));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - Hands jobs that need scripts after their run to the transition pool, lease kept.
 //! - Heartbeats the session; if the session was expired meanwhile, it stops writing at once and
 //!   tells the master, which kills everything: the jobs belong to other launchers now.
-//! - Polls for jobs users killed (`balsam killjob`) at least once a second.
+//! - Polls for jobs users killed (`balsam killjob`) at least once a second, and notes in each
+//!   one's history when its process died.
 //! - Expires other launchers' dead sessions, so their jobs are run again.
 
 use std::collections::HashMap;
@@ -214,6 +215,7 @@ pub fn spawn(
         last_kill_poll: Instant::now(),
         last_expire: Instant::now(),
         last_status: Instant::now() - Duration::from_secs(10),
+        user_kills: HashMap::new(),
     };
     std::thread::Builder::new()
         .name("store".into())
@@ -242,6 +244,8 @@ struct StoreThread {
     last_kill_poll: Instant,
     last_expire: Instant,
     last_status: Instant,
+    /// Jobs users killed, with when the kill was seen: the end of their process is noted.
+    user_kills: HashMap<i64, Instant>,
 }
 
 /// How much lower than the job-running threads the store thread runs.
@@ -422,6 +426,11 @@ impl StoreThread {
 
     fn finished(&mut self, f: JobFinished) {
         let pk = f.pk;
+        if let Some(seen) = self.user_kills.remove(&pk) {
+            if f.started {
+                self.note_death(&f, seen);
+            }
+        }
         if !f.started && f.killed.is_some() {
             // Dropped from a worker's queue before it started: nothing happened to it.
             self.leased.remove(&pk);
@@ -583,6 +592,7 @@ impl StoreThread {
                 Ok(pks) if !pks.is_empty() => {
                     for pk in &pks {
                         self.leased.remove(pk);
+                        self.user_kills.insert(*pk, Instant::now());
                     }
                     tracing::info!("{} jobs killed by their users", pks.len());
                     self.release.extend(pks.iter().copied());
@@ -740,6 +750,27 @@ impl StoreThread {
         true
     }
 
+    /// Notes in a killed job's history when, and how, its process ended (the event's time is
+    /// the time of death, to the few milliseconds a report takes).
+    fn note_death(&mut self, f: &JobFinished, seen: Instant) {
+        // The pid is in the job's RUNNING event ("..., pid 1234, ...").
+        let pid = self.store.history(f.pk).ok().and_then(|h| {
+            h.iter()
+                .rev()
+                .find(|e| e.to_state == State::Running)
+                .and_then(|e| pid_in(&e.message))
+        });
+        let what = pid.map_or_else(|| "its process".to_string(), |p| format!("process {p}"));
+        let msg = format!(
+            "{what} ended ({}) {:.2} s after the kill was seen",
+            f.status.describe(),
+            seen.elapsed().as_secs_f64()
+        );
+        if let Err(e) = self.store.note(f.pk, Some(self.cfg.session), &msg) {
+            tracing::warn!("job #{}: cannot note the end of its process: {e}", f.pk);
+        }
+    }
+
     fn session_lost(&mut self) {
         if !self.lost {
             tracing::error!(
@@ -768,5 +799,26 @@ impl StoreThread {
             }
         }
         let _ = self.tx.send(FromStore::Ended);
+    }
+}
+
+/// The number after "pid " in a RUNNING event's message.
+fn pid_in(message: &str) -> Option<u32> {
+    let rest = &message[message.find("pid ")? + 4..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pid_is_read_from_the_running_event() {
+        assert_eq!(pid_in("on nid0001 (rank 1, pid 4242, slot 0)"), Some(4242));
+        assert_eq!(pid_in("MPI launch, pid 17"), Some(17));
+        assert_eq!(pid_in("starting: nothing"), None);
     }
 }

@@ -42,7 +42,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::{Error, Result};
 use crate::jobenv::{job_environment, LauncherContext};
 use crate::messages::{ExitStatus, KillReason};
-use crate::process::{self, Spawner};
+use crate::nursery::{ScriptNursery, ScriptRunner};
+use crate::process;
 
 /// Time limit of a pre- or postprocess script (legacy: 300 s).
 pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -56,6 +57,9 @@ pub struct TransitionOptions {
     pub kill_grace: Duration,
     /// The launcher's facts for the scripts' environment (None in the service).
     pub launcher: Option<LauncherContext>,
+    /// The launcher's nursery for scripts, so that their processes end with them and with the
+    /// launcher (None: they run from this process, as in the service).
+    pub scripts: Option<ScriptNursery>,
 }
 
 impl Default for TransitionOptions {
@@ -64,6 +68,7 @@ impl Default for TransitionOptions {
             script_timeout: SCRIPT_TIMEOUT,
             kill_grace: Duration::from_secs(5),
             launcher: None,
+            scripts: None,
         }
     }
 }
@@ -110,7 +115,7 @@ pub struct Transitions {
     session: i64,
     opts: TransitionOptions,
     apps: AppCache,
-    spawner: Spawner,
+    scripts: ScriptRunner,
 }
 
 impl Transitions {
@@ -118,13 +123,14 @@ impl Transitions {
     pub fn new(db: &DbDir, session: i64, opts: TransitionOptions) -> Result<Transitions> {
         let store = Store::open(db.clone())?;
         let base_env = process::base_environment(process::balsam_cli_dir().as_deref());
+        let scripts = ScriptRunner::new(&base_env, opts.scripts.clone());
         Ok(Transitions {
             store,
             db: db.clone(),
             session,
             opts,
             apps: AppCache::default(),
-            spawner: Spawner::new(&base_env),
+            scripts,
         })
     }
 
@@ -440,14 +446,20 @@ impl Transitions {
             problem,
             log: log.clone(),
         };
-        let pid = self
-            .spawner
-            .spawn(&argv, &wd, &log, &env)
-            .map_err(script_err)?;
-        let status = wait_with_timeout(pid, self.opts.script_timeout, self.opts.kill_grace);
-        match status {
+        let run = self
+            .scripts
+            .run(
+                &argv,
+                &wd,
+                &log,
+                &env,
+                self.opts.script_timeout,
+                self.opts.kill_grace,
+            )
+            .map_err(|e| script_err(e.why))?;
+        let pid = run.pid;
+        match run.status {
             Some(st) => {
-                let st = process::exit_status(st);
                 if st.success() {
                     Ok(())
                 } else {
@@ -486,34 +498,6 @@ fn step_name(state: State) -> &'static str {
         State::RunTimeout => "timeout handling",
         _ => "transition",
     }
-}
-
-/// Waits for a child at most `limit`; past it, SIGTERM to its group, `grace`, SIGKILL.
-/// None when it had to be killed.
-fn wait_with_timeout(
-    pid: u32,
-    limit: Duration,
-    grace: Duration,
-) -> Option<std::process::ExitStatus> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let waiter = std::thread::spawn(move || {
-        let st = process::wait_pid(pid);
-        let _ = tx.send(st);
-    });
-    let result = match rx.recv_timeout(limit) {
-        Ok(Ok(st)) => Some(st),
-        Ok(Err(_)) => None,
-        Err(_) => {
-            process::signal_group(pid, libc::SIGTERM);
-            if rx.recv_timeout(grace).is_err() {
-                process::signal_group(pid, libc::SIGKILL);
-                let _ = rx.recv();
-            }
-            None
-        }
-    };
-    let _ = waiter.join();
-    result
 }
 
 /// A local path from a stage-in/out location: a path or `file://path`.

@@ -1,7 +1,8 @@
 //! Worker ranks (1..N): say hello, then run the jobs rank 0 sends, as child processes, and
 //! report what happened. One thread does it all: it probes MPI (never a blocking receive), and
-//! between probes the process engine ([`crate::executor::Engine`]) sleeps in poll(2) on the
-//! children, starting the next queued job the moment one ends. A busy worker probes every
+//! between probes sleeps in poll(2) on the socket to its process nursery
+//! ([`crate::nursery::Nursery`]), which starts the jobs, the next queued one the moment one
+//! ends, and reports. A busy worker probes every
 //! [`PROBE_EVERY`] and reports every [`REPORT_EVERY`] (at once when its backlog runs out); an
 //! idle one backs off to [`MAX_PAUSE`] between probes, a few wake-ups a second.
 //!
@@ -13,9 +14,10 @@ use std::time::{Duration, Instant};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 
-use crate::executor::{Engine, Event, ExecutorConfig};
+use crate::executor::{Event, ExecutorConfig};
 use crate::logging::LogFile;
 use crate::messages::{JobFinished, JobStarted, Message, TAG};
+use crate::nursery::{fatal_loss, Nursery};
 use crate::process;
 
 /// Shortest pause between idle polls.
@@ -85,12 +87,19 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
         "worker on {host} with {cpus} CPUs, capacity {}",
         setup.capacity
     );
-    let mut engine = Engine::new(ExecutorConfig {
+    let mut nursery = match Nursery::start(&ExecutorConfig {
         capacity: setup.capacity,
         gpus_per_node: setup.gpus_per_node,
         kill_grace: Duration::from_millis(setup.kill_grace_ms),
         base_env: process::base_environment(process::balsam_cli_dir().as_deref()),
-    });
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!("worker rank {rank} cannot run jobs: {e}");
+            eprintln!("balsam-mpi-launcher: worker rank {rank} cannot run jobs: {e}");
+            world.abort(1)
+        }
+    };
     let mut w = Progress::default();
     let mut pause = MIN_PAUSE;
     let mut last_report = Instant::now();
@@ -102,26 +111,23 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
                 Message::Run(jobs) => {
                     w.outstanding += jobs.len();
                     for j in jobs {
-                        engine.submit(j);
+                        nursery.submit(j);
                     }
                 }
-                Message::Kill { pks, reason } => {
-                    for pk in pks {
-                        engine.kill(pk, reason);
-                    }
-                }
+                Message::Kill { pks, reason } => nursery.kill(pks, reason),
                 Message::Shutdown { reason } => {
                     w.shutting = true;
-                    engine.kill_all(reason);
+                    nursery.kill_all(reason);
                 }
                 other => tracing::warn!("unexpected message from rank {from}: {other:?}"),
             }
         }
         // Run jobs until it is time to talk to the master again: a report is due when there is
         // no backlog (the master must send more), or every REPORT_EVERY while busy. Between
-        // probes, the engine sleeps in poll(2) and starts the next job the moment one ends.
+        // probes, the worker sleeps in poll(2) on the nursery, which starts the next job the moment
+        // one ends.
         let probe_at = Instant::now()
-            + if engine.is_idle() && !activity {
+            + if nursery.is_idle() && !activity {
                 pause
             } else {
                 PROBE_EVERY
@@ -129,22 +135,25 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
         loop {
             let now = Instant::now();
             let mut until = probe_at;
-            if engine.has_events() {
+            if nursery.has_events() {
                 until = until.min(last_report + REPORT_EVERY);
             }
             if now >= until {
                 break;
             }
-            engine.wait(until - now);
-            if engine.has_events() && (engine.queued() == 0 || w.shutting) {
+            nursery.wait(until - now, None);
+            if nursery.is_lost() {
+                fatal_loss(&format!("worker rank {rank}'s process nursery ended"));
+            }
+            if nursery.has_events() && (nursery.queued() == 0 || w.shutting) {
                 break;
             }
         }
-        for ev in engine.take_events() {
+        for ev in nursery.take_events() {
             w.note(ev);
         }
         if w.has_report()
-            && (engine.queued() == 0 || w.shutting || last_report.elapsed() >= REPORT_EVERY)
+            && (nursery.queued() == 0 || w.shutting || last_report.elapsed() >= REPORT_EVERY)
         {
             report(world, &mut w);
             last_report = Instant::now();
@@ -154,7 +163,7 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
             send(world, 0, &Message::Bye);
             return 0;
         }
-        pause = if activity || !engine.is_idle() {
+        pause = if activity || !nursery.is_idle() {
             MIN_PAUSE
         } else {
             (pause * 2).min(MAX_PAUSE)
