@@ -153,6 +153,14 @@ impl Engine {
         }
     }
 
+    /// Gives a job back if it has not started: it is dropped from the queue and reported
+    /// finished, not started, with [`KillReason::Reclaimed`]. A running job is left alone.
+    pub fn reclaim(&mut self, pk: i64) {
+        if self.queue.iter().any(|j| j.pk == pk) {
+            self.kill(pk, KillReason::Reclaimed);
+        }
+    }
+
     /// Stops every job, queued or running.
     pub fn kill_all(&mut self, reason: KillReason) {
         let pks: Vec<i64> = self
@@ -446,6 +454,8 @@ pub enum Request {
     Kill(Vec<i64>, KillReason),
     /// Stop every job, queued or running.
     KillAll(KillReason),
+    /// Give back these jobs if they have not started ([`Engine::reclaim`]).
+    Reclaim(Vec<i64>),
 }
 
 /// An [`Engine`] in a thread of its own, driven through a channel; every event is delivered at
@@ -498,6 +508,11 @@ fn drive(mut engine: Engine, rx: Receiver<Request>, events: Sender<Event>) {
                     }
                 }
                 Ok(Request::KillAll(reason)) => engine.kill_all(reason),
+                Ok(Request::Reclaim(pks)) => {
+                    for pk in pks {
+                        engine.reclaim(pk);
+                    }
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     open = false;

@@ -4,7 +4,10 @@
 //! Rank 0 ([`master`]) leases runnable jobs through its store thread ([`store_thread`]), farms
 //! serial jobs out to the worker ranks ([`worker`]) over MPI messages ([`messages`]), packing
 //! several per node ([`packing`], [`nodes`]), and starts multi-node jobs itself with the system's
-//! MPI launcher ([`mpirun`]) on nodes it reserves. Processes are started and watched by
+//! MPI launcher ([`mpirun`]) on nodes it reserves. Which job runs where is decided by
+//! [`scheduler`], when an idle launcher leaves by [`idle`], and whether jobs may start at all
+//! (the database and the job files can be written) is tracked in [`health`]; all three are pure
+//! enough to be tested without MPI. Processes are started and watched by
 //! [`executor`] through [`process`]. Everything before and after a run — parents, stage-in,
 //! pre/postprocess, stage-out — is in [`transitions`], which the service runs too.
 //!
@@ -15,6 +18,8 @@
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod health;
+pub mod idle;
 pub mod jobenv;
 pub mod logging;
 pub mod master;
@@ -23,6 +28,7 @@ pub mod mpirun;
 pub mod nodes;
 pub mod packing;
 pub mod process;
+pub mod scheduler;
 pub mod store_thread;
 pub mod transitions;
 pub mod worker;

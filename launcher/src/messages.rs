@@ -55,6 +55,13 @@ pub enum Message {
         /// Why, so the master knows what to record.
         reason: KillReason,
     },
+    /// Master → worker: give these jobs back if they have not started (the master places them
+    /// elsewhere). Each one still queued is dropped and reported finished, not started, with
+    /// [`KillReason::Reclaimed`]; one that started meanwhile runs on as if nothing was asked.
+    Reclaim {
+        /// The jobs' row numbers.
+        pks: Vec<i64>,
+    },
     /// Master → worker: kill everything still running for `reason`, report, say [`Message::Bye`]
     /// and exit.
     Shutdown {
@@ -123,6 +130,10 @@ pub enum ExitStatus {
     Signal(i32),
     /// It never started: the executable is missing, not executable, the workdir is gone...
     NotStarted(String),
+    /// It never started because the launcher could not write its files (output file, working
+    /// directory: disk full, read-only, permission denied). Not the job's fault: it is given back
+    /// unchanged, not failed.
+    Infrastructure(String),
 }
 
 impl ExitStatus {
@@ -137,7 +148,7 @@ impl ExitStatus {
         match self {
             ExitStatus::Code(c) => *c,
             ExitStatus::Signal(s) => -s,
-            ExitStatus::NotStarted(_) => 127,
+            ExitStatus::NotStarted(_) | ExitStatus::Infrastructure(_) => 127,
         }
     }
 
@@ -147,6 +158,9 @@ impl ExitStatus {
             ExitStatus::Code(c) => format!("exit code {c}"),
             ExitStatus::Signal(s) => format!("killed by signal {s} ({})", signal_name(*s)),
             ExitStatus::NotStarted(why) => format!("could not start: {why}"),
+            ExitStatus::Infrastructure(why) => {
+                format!("could not start: the launcher cannot write its files: {why}")
+            }
         }
     }
 }
@@ -185,6 +199,9 @@ pub enum KillReason {
     SessionLost,
     /// The launcher is leaving for another reason (idle exit, startup failure): nothing runs.
     Exit,
+    /// The master took a job back before it started, to run it elsewhere ([`Message::Reclaim`]):
+    /// nothing happened to it.
+    Reclaimed,
 }
 
 /// A job's process ended (or the job was dropped before it started).
@@ -290,6 +307,7 @@ mod tests {
                 pks: vec![1, 2],
                 reason: KillReason::WallTime,
             },
+            Message::Reclaim { pks: vec![3] },
             Message::Shutdown {
                 reason: KillReason::TimeLimit,
             },

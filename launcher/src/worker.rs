@@ -110,6 +110,11 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
                         engine.kill(pk, reason);
                     }
                 }
+                Message::Reclaim { pks } => {
+                    for pk in pks {
+                        engine.reclaim(pk);
+                    }
+                }
                 Message::Shutdown { reason } => {
                     w.shutting = true;
                     engine.kill_all(reason);
