@@ -12,13 +12,12 @@ fn init_prints_how_to_activate_and_refuses_twice() {
     let db = Db::new();
     let again = db.run(&["init", db.path.to_str().unwrap()]);
     assert!(again.err().contains("already holds a Balsam database"));
-    for sub in [
-        "data",
-        "log",
-        "qsubmit",
-        "settings.json",
-        "balsamdb.sqlite3",
-    ] {
+    let store = if common::on_postgres() {
+        "server-info"
+    } else {
+        "balsamdb.sqlite3"
+    };
+    for sub in ["data", "log", "qsubmit", "settings.json", store] {
         assert!(db.path.join(sub).exists(), "{sub}");
     }
     let out = db.run(&["init", db.tmp.path().join("other").to_str().unwrap()]);
@@ -193,7 +192,7 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "0",
                 "--yes",
             ],
-            "positive",
+            "an integer from 1 to",
         ),
         (&["job", "--app", "say-hello", "--yes"], "--name"),
         (&["ls", "--state", "DONE"], "valid states are: CREATED"),
@@ -303,10 +302,10 @@ fn ambiguous_prefix_lists_candidates() {
         .iter()
         .map(|j| j["job_id"].as_str().unwrap().to_string())
         .collect();
-    let c = ids
-        .iter()
-        .map(|i| &i[..1])
-        .find(|p| ids.iter().filter(|i| i.starts_with(*p)).count() > 1)
+    // The shortest prefix that 2 to 10 jobs share (all candidates are then listed).
+    let c = (1..36)
+        .flat_map(|len| ids.iter().map(move |i| &i[..len]))
+        .find(|p| (2..=10).contains(&ids.iter().filter(|i| i.starts_with(*p)).count()))
         .unwrap();
     let out = db.run(&["modify", c, "args", "x"]);
     let e = out.err();

@@ -155,6 +155,10 @@ impl Transitions {
                 let t = Transition::new(pk, job.state, State::Failed, msg);
                 match self.store.transition(t, Some(self.session))? {
                     Outcome::Applied(s) | Outcome::Conflict(s) => s,
+                    Outcome::Gone => {
+                        tracing::info!("{cute}: removed by a user meanwhile; dropped");
+                        return Ok(job.state);
+                    }
                 }
             }
         };
@@ -384,6 +388,10 @@ impl Transitions {
                     job.cute_id()
                 );
                 job.state = s;
+                Ok(false)
+            }
+            Outcome::Gone => {
+                tracing::info!("{}: removed by a user meanwhile; dropped", job.cute_id());
                 Ok(false)
             }
         }

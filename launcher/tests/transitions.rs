@@ -90,7 +90,7 @@ fn process_pending_takes_jobs_to_runnable_and_respects_parents() {
             ..NewJob::default()
         })
         .collect();
-    store.add_jobs(&many, 100, &mut |_| {}).unwrap();
+    store.add_jobs(&many, &mut |_| {}).unwrap();
 
     let db = store.dir.clone();
     let n = process_pending(

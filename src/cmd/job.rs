@@ -461,7 +461,7 @@ fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
-        store.add_jobs(pending, batch, &mut |_| {})?;
+        store.add_jobs(pending, &mut |_| {})?;
         done += pending.len();
         bar.set_position(done as u64);
         pending.clear();

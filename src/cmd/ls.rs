@@ -130,7 +130,7 @@ fn job_rows(jobs: &[Job], cols: &[String]) -> Vec<Vec<String>> {
 fn filter(a: &LsArgs) -> Result<JobFilter> {
     Ok(JobFilter {
         name: a.name.clone(),
-        id_prefix: a.id.clone(),
+        id: a.id.clone(),
         state: a.state.as_deref().map(str::parse::<State>).transpose()?,
         workflow: a.wf.clone(),
     })

@@ -40,7 +40,7 @@ pub fn run(ctx: &mut Ctx, a: &MakeDummiesArgs) -> Result<()> {
             parents: vec![],
         })
         .collect();
-    ctx.store.add_jobs(&jobs, 50_000, &mut |_| {})?;
+    ctx.store.add_jobs(&jobs, &mut |_| {})?;
     println!("Added {} dummy jobs", a.num);
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use balsam_store::fields;
-use balsam_store::State;
+use balsam_store::{RestartCount, State};
 
 use super::{find_job, Ctx};
 
@@ -23,7 +23,14 @@ pub fn run(ctx: &mut Ctx, a: &ModifyArgs) -> Result<()> {
     let job = find_job(&mut ctx.store, &a.id)?;
     if a.field == "state" {
         let to: State = a.value.parse()?;
-        let after = ctx.store.set_state_by_user(job.pk, to, "")?;
+        // A person at a terminal resets the job on purpose; a script (an error handler) sending
+        // it back counts toward max_restarts.
+        let count = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            RestartCount::Reset
+        } else {
+            RestartCount::Count
+        };
+        let after = ctx.store.set_state_by_user(job.pk, to, "", count)?;
         tracing::info!(job = %job.job_id, from = %job.state, to = %after.state, "state set by user");
         println!("{}: state: {} -> {}", job.cute_id(), job.state, after.state);
         return Ok(());

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# install-deps.sh [--slurm] [--quiet]
+# install-deps.sh [--slurm] [--postgres] [--quiet]
 #
 # Idempotent installer of the system packages balsam builds, tests and benchmarks with, on
 # Debian 12. Run it (`bash src/scripts/install-deps.sh`) or source it (`. install-deps.sh`);
@@ -11,6 +11,8 @@
 #             not needed), mpich libmpich-dev, python3, parallel (baseline for benchmarks),
 #             procps (ps/pkill), util-linux (flock/setsid, used by the fixtures)
 #   --slurm:  slurmctld slurmd slurm-client munge (for tests/slurm/cluster.sh)
+#   --postgres: postgresql (server and client; `balsam init --postgres`, tests/pg/server.sh) and
+#             iproute2 (`ip netns`, for the many-hosts tests)
 #   and a Rust toolchain (cargo on PATH or in ~/.cargo/bin), which it does not install.
 #
 # Why it looks the way it does:
@@ -32,10 +34,11 @@
 _balsam_install_deps_main() {
     set -euo pipefail
 
-    local want_slurm=0 quiet=0 arg
+    local want_slurm=0 want_pg=0 quiet=0 arg
     for arg in "$@"; do
         case "$arg" in
             --slurm) want_slurm=1 ;;
+            --postgres) want_pg=1 ;;
             --quiet|-q) quiet=1 ;;
             -h|--help)
                 sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -66,6 +69,9 @@ EOF
                    procps util-linux)
     if [[ $want_slurm == 1 ]]; then
         pkgs+=(slurmctld slurmd slurm-client munge)
+    fi
+    if [[ $want_pg == 1 ]]; then
+        pkgs+=(postgresql iproute2)
     fi
 
     # Prints the packages of "$@" that are not fully installed. dpkg-query exits 1 when a name

@@ -1,155 +1,134 @@
-//! The SQLite connection: schema and migrations, pragmas, and the write-transaction helper that
-//! retries when another process holds the write lock, so "database is locked" never reaches a user.
+//! The connection to a database directory's store, SQLite or PostgreSQL: opening, schema
+//! migrations, and the transaction helpers every query runs in.
+//!
+//! - [`Store::write`] runs a closure in one write transaction and runs it again when the
+//!   database asks for it: SQLite's write lock held by another process (so "database is locked"
+//!   never reaches a user), PostgreSQL's serialization failures and deadlocks, and a server
+//!   connection lost and found again within the store's patience. The closure may run more
+//!   than once.
+//! - [`Store::read`] runs a closure on one consistent snapshot; it never waits for a writer.
+//! - A server that cannot be reached within the patience (a few seconds by default) is
+//!   reported as [`Error::Unavailable`], naming its address and what to do. The first failure
+//!   of a process is logged once, and so is the recovery.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use crate::dir::DbDir;
 use crate::error::{Error, Result};
+use crate::schema;
+use crate::server_info::ServerInfo;
+use crate::sql::{Backend, PgConn, Tx};
 
-/// Forward migrations; entry `i` takes the schema from version `i` to `i + 1`.
-/// Never edit a released entry: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE applications (
-    id          INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL UNIQUE,
-    description TEXT NOT NULL DEFAULT '',
-    executable  TEXT NOT NULL,
-    preprocess  TEXT NOT NULL DEFAULT '',
-    postprocess TEXT NOT NULL DEFAULT '',
-    envscript   TEXT NOT NULL DEFAULT ''
-);
+/// The SQLite schema version this build writes.
+pub const SCHEMA_VERSION: i64 = schema::SQLITE.len() as i64;
+/// The PostgreSQL schema version this build writes.
+pub const PG_SCHEMA_VERSION: i64 = schema::POSTGRES.len() as i64;
 
--- One row per planned application run. job_id is the UUID's 16 bytes; pk is the row number
--- that edges, events and leases refer to (8 bytes instead of 16, and insertion-ordered).
-CREATE TABLE jobs (
-    pk                   INTEGER PRIMARY KEY,
-    job_id               BLOB NOT NULL,
-    workflow             TEXT NOT NULL,
-    name                 TEXT NOT NULL,
-    description          TEXT NOT NULL,
-    input_files          TEXT NOT NULL,
-    stage_in_url         TEXT NOT NULL,
-    stage_out_files      TEXT NOT NULL,
-    stage_out_url        TEXT NOT NULL,
-    wall_time_minutes    INTEGER NOT NULL,
-    num_nodes            INTEGER NOT NULL,
-    coschedule_num_nodes INTEGER NOT NULL,
-    ranks_per_node       INTEGER NOT NULL,
-    cpu_affinity         TEXT NOT NULL,
-    threads_per_rank     INTEGER NOT NULL,
-    threads_per_core     INTEGER NOT NULL,
-    node_packing_count   INTEGER NOT NULL,
-    environ_vars         TEXT NOT NULL,
-    mpi_flags            TEXT NOT NULL,
-    application          TEXT NOT NULL,
-    args                 TEXT NOT NULL,
-    user_workdir         TEXT NOT NULL,
-    wait_for_parents     INTEGER NOT NULL,
-    post_error_handler   INTEGER NOT NULL,
-    post_timeout_handler INTEGER NOT NULL,
-    auto_timeout_retry   INTEGER NOT NULL,
-    max_restarts         INTEGER NOT NULL,
-    data                 TEXT NOT NULL,
-    state                INTEGER NOT NULL,
-    return_code          INTEGER,
-    num_restarts         INTEGER NOT NULL DEFAULT 0,
-    queued_launch_id     INTEGER,
-    lease_session        INTEGER
-);
-CREATE UNIQUE INDEX jobs_job_id ON jobs(job_id);
--- Serves leasing (state IN runnable, workflow filter), ls --state and ls --by-states.
-CREATE INDEX jobs_state_workflow ON jobs(state, workflow);
--- Only leased jobs are in it: small, and finds a session's jobs without a scan.
-CREATE INDEX jobs_lease ON jobs(lease_session) WHERE lease_session IS NOT NULL;
-
--- Dependencies, indexed both ways: children of a parent and parents of a child by index.
-CREATE TABLE deps (
-    parent INTEGER NOT NULL,
-    child  INTEGER NOT NULL,
-    PRIMARY KEY (parent, child)
-) WITHOUT ROWID;
-CREATE INDEX deps_child ON deps(child, parent);
-
--- The provenance log: every state change, with UTC microseconds.
-CREATE TABLE events (
-    job        INTEGER NOT NULL,
-    time_us    INTEGER NOT NULL,
-    from_state INTEGER,
-    to_state   INTEGER NOT NULL,
-    message    TEXT NOT NULL
-);
-CREATE INDEX events_job ON events(job);
-
--- Launcher and service processes that hold leases.
-CREATE TABLE sessions (
-    id           INTEGER PRIMARY KEY,
-    kind         TEXT NOT NULL,
-    host         TEXT NOT NULL,
-    pid          INTEGER NOT NULL,
-    batch_job_id TEXT NOT NULL,
-    job_mode     TEXT NOT NULL,
-    wf_filter    TEXT NOT NULL,
-    started_us   INTEGER NOT NULL,
-    heartbeat_us INTEGER NOT NULL,
-    ended_us     INTEGER
-);
-CREATE INDEX sessions_live ON sessions(heartbeat_us) WHERE ended_us IS NULL;
-
--- Batch jobs that run launchers.
-CREATE TABLE launches (
-    id                INTEGER PRIMARY KEY,
-    scheduler_id      TEXT NOT NULL,
-    scheduler         TEXT NOT NULL,
-    project           TEXT NOT NULL,
-    queue             TEXT NOT NULL,
-    nodes             INTEGER NOT NULL,
-    wall_minutes      INTEGER NOT NULL,
-    job_mode          TEXT NOT NULL,
-    wf_filter         TEXT NOT NULL,
-    command           TEXT NOT NULL,
-    state             TEXT NOT NULL,
-    sched_flags       TEXT NOT NULL,
-    from_balsam       INTEGER NOT NULL,
-    prescheduled_only INTEGER NOT NULL,
-    reason            TEXT NOT NULL,
-    created_us        INTEGER NOT NULL,
-    updated_us        INTEGER NOT NULL
-);
-CREATE INDEX launches_scheduler_id ON launches(scheduler_id);
-"#];
-
-/// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-/// How long one attempt waits for another process's write lock.
+/// How long one SQLite attempt waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a write keeps retrying before it gives up with a clear message.
+/// How long a SQLite write keeps retrying before it gives up with a clear message.
 const RETRY_FOR: Duration = Duration::from_secs(600);
+/// How long a call keeps trying to reach an unreachable server, by default.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(5);
+/// Serialises concurrent first opens of a PostgreSQL database (schema creation).
+const MIGRATION_LOCK: i64 = 0x6261_6c73_616d;
+
+/// Whether this process has already said that the server is unreachable (said once, until it
+/// is back).
+static OUTAGE_ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
+enum Conn {
+    Sqlite(Connection),
+    Pg(Box<PgConn>),
+}
 
 /// An open Balsam database. Not shared between threads: each thread opens its own.
 pub struct Store {
-    pub(crate) conn: Connection,
+    /// None while a PostgreSQL server is unreachable.
+    conn: Option<Conn>,
     /// The database directory.
     pub dir: DbDir,
+    /// Opened for reading only: writes are refused without touching the database.
+    read_only: bool,
+    /// The SQLite file's (device, inode) when opened, to notice it being removed or replaced.
+    file_id: Option<(u64, u64)>,
+    /// The PostgreSQL server, for PostgreSQL databases.
+    server: Option<ServerInfo>,
+    /// How long a call keeps trying to reach an unreachable server.
+    patience: Duration,
 }
 
 impl Store {
-    /// Creates a database directory and its schema.
+    /// Creates a database directory with an embedded SQLite database.
     pub fn create(path: &Path) -> Result<Store> {
         let dir = DbDir::create_layout(path)?;
-        let mut store = Store::connect(dir, true)?;
+        let mut store = Store::connect_sqlite(dir, true, false)?;
         store.migrate()?;
         Ok(store)
     }
 
-    /// Opens an existing database directory, migrating an older schema forward.
+    /// Creates a database directory whose database lives on a PostgreSQL server: writes
+    /// `server-info` (and `pgpass`, mode 0600, when a password is given), creates the database
+    /// on the server when it does not exist yet (the user needs the right to), and its schema.
+    /// On failure nothing is left that would make the directory look like a database.
+    pub fn create_on_server(
+        path: &Path,
+        info: &ServerInfo,
+        password: Option<&str>,
+    ) -> Result<Store> {
+        let dir = DbDir::create_layout_for_server(path)?;
+        let written = [
+            dir.root.join(crate::server_info::SERVER_INFO_FILE),
+            dir.root.join(crate::server_info::PASSWORD_FILE),
+        ];
+        let made = (|| {
+            if let Some(p) = password {
+                crate::server_info::write_password_file(&written[1], info, p)?;
+            }
+            info.save(&dir.root)?;
+            create_database_if_missing(&dir, info)?;
+            Store::open(dir.clone())
+        })();
+        if made.is_err() {
+            for f in &written {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+        made
+    }
+
+    /// Opens an existing database directory (SQLite or PostgreSQL), migrating an older schema
+    /// forward.
     pub fn open(dir: DbDir) -> Result<Store> {
         let mut store = Store::connect(dir, false)?;
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Opens an existing database for commands that only read (`ls`, `which`, ...). It never
+    /// writes and never waits for a writer, and works for users who may only read the
+    /// directory. An older schema is migrated first when this user can write the database.
+    pub fn open_read_only(dir: DbDir) -> Result<Store> {
+        let mut store = Store::connect(dir.clone(), true)?;
+        let (found, current) = store.found_version()?;
+        if found == current {
+            return Ok(store);
+        }
+        if found > current {
+            return Err(store.newer_schema(found));
+        }
+        drop(store);
+        Store::open(dir.clone()).map_err(|e| {
+            Error::Refused(format!(
+                "the database at {} has schema version {found} and must be upgraded to {current} by a user who may write it ({e})",
+                dir.root.display()
+            ))
+        })?;
+        Store::connect(dir, true)
     }
 
     /// Opens the active database (`--db`, then `BALSAM_DB_PATH`).
@@ -157,74 +136,472 @@ impl Store {
         Store::open(DbDir::locate(explicit)?)
     }
 
-    fn connect(dir: DbDir, create: bool) -> Result<Store> {
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    /// Opens the active database for reading only (see [`Store::open_read_only`]).
+    pub fn locate_read_only(explicit: Option<&Path>) -> Result<Store> {
+        Store::open_read_only(DbDir::locate(explicit)?)
+    }
+
+    /// The backend this store runs on.
+    pub fn backend(&self) -> Backend {
+        if self.server.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    /// The PostgreSQL server, for a PostgreSQL database.
+    pub fn server(&self) -> Option<&ServerInfo> {
+        self.server.as_ref()
+    }
+
+    /// How long a call keeps trying to reach an unreachable server before it fails with
+    /// [`Error::Unavailable`] (default [`DEFAULT_PATIENCE`]). Commands keep the default;
+    /// long-running processes that retry in their own loops may shorten or lengthen it.
+    pub fn set_patience(&mut self, patience: Duration) {
+        self.patience = patience;
+    }
+
+    fn connect(dir: DbDir, read_only: bool) -> Result<Store> {
+        match dir.backend() {
+            Backend::Sqlite => Store::connect_sqlite(dir, false, read_only),
+            Backend::Postgres => {
+                let server = ServerInfo::load(&dir.root)?;
+                let mut store = Store {
+                    conn: None,
+                    dir,
+                    read_only,
+                    file_id: None,
+                    server: Some(server),
+                    patience: DEFAULT_PATIENCE,
+                };
+                store.ensure_connected(Instant::now())?;
+                Ok(store)
+            }
+        }
+    }
+
+    fn connect_sqlite(dir: DbDir, create: bool, read_only: bool) -> Result<Store> {
+        let mut flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
         let conn = Connection::open_with_flags(dir.db_file(), flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        // WAL lets launchers read while another process writes; NORMAL sync is durable across
-        // process crashes (the case that matters: kill -9 of a launcher) at a fraction of FULL's
-        // cost. The journal mode change itself can meet a lock, so it is retried.
-        retry_busy(|| {
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            Ok(())
-        })?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        if !read_only {
+            // WAL lets launchers read while another process writes; NORMAL sync is durable
+            // across process crashes (the case that matters: kill -9 of a launcher) at a
+            // fraction of FULL's cost. Changing the mode takes a lock, so it is done only when
+            // needed (once, on a new database) and retried.
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                retry_busy(|| {
+                    conn.pragma_update(None, "journal_mode", "WAL")?;
+                    Ok(())
+                })?;
+            }
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65536)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Store { conn, dir })
+        let file_id = file_id(&dir.db_file());
+        Ok(Store {
+            conn: Some(Conn::Sqlite(conn)),
+            dir,
+            read_only,
+            file_id,
+            server: None,
+            patience: DEFAULT_PATIENCE,
+        })
+    }
+
+    /// Connects to the PostgreSQL server if not connected, retrying until `since` + patience.
+    fn ensure_connected(&mut self, since: Instant) -> Result<()> {
+        let Some(server) = &self.server else {
+            return Ok(());
+        };
+        let mut pause = Duration::from_millis(100);
+        while self.conn.is_none() {
+            match server
+                .client_config(&self.dir.root)
+                .connect(postgres::NoTls)
+            {
+                Ok(client) => {
+                    if OUTAGE_ANNOUNCED.swap(false, Ordering::AcqRel) {
+                        tracing::warn!("database server {} reachable again", server.address());
+                    }
+                    self.conn = Some(Conn::Pg(Box::new(PgConn::new(client))));
+                }
+                Err(e) => {
+                    let e = Error::Pg(e);
+                    if !is_connection_error(&e) {
+                        // Refused for a reason waiting will not cure (a wrong password).
+                        return Err(self.unavailable(&e));
+                    }
+                    if !OUTAGE_ANNOUNCED.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            "database server {} unreachable ({e}); retrying",
+                            server.address()
+                        );
+                    }
+                    if since.elapsed() + pause > self.patience {
+                        return Err(self.unavailable(&e));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unavailable(&self, e: &Error) -> Error {
+        let server = self.server.as_ref().expect("postgres store");
+        let hint = if server.data_dir.is_empty() {
+            "check that the site's server is running and reachable from this host".to_string()
+        } else {
+            format!(
+                "start it with `balsam server start --db {}`, or check the network between this host and {}",
+                self.dir.root.display(),
+                server.host
+            )
+        };
+        Error::Unavailable {
+            address: server.address(),
+            problem: e.to_string(),
+            hint,
+        }
+    }
+
+    fn found_version(&mut self) -> Result<(i64, i64)> {
+        match self.backend() {
+            Backend::Sqlite => {
+                let v = self.read(|tx| tx.query_one("PRAGMA user_version", &[])?.i64(0))?;
+                Ok((v, SCHEMA_VERSION))
+            }
+            Backend::Postgres => {
+                let v = self.read(|tx| {
+                    let exists = tx.exists(
+                        "SELECT 1 FROM information_schema.tables WHERE table_name = 'balsam_schema' AND table_schema = current_schema()",
+                        &[],
+                    )?;
+                    if !exists {
+                        return Ok(0);
+                    }
+                    Ok(tx
+                        .query_one("SELECT max(version) FROM balsam_schema", &[])?
+                        .opt_i64(0)?
+                        .unwrap_or(0))
+                })?;
+                Ok((v, PG_SCHEMA_VERSION))
+            }
+        }
+    }
+
+    fn newer_schema(&self, found: i64) -> Error {
+        Error::NewerSchema {
+            path: match self.backend() {
+                Backend::Sqlite => self.dir.db_file(),
+                Backend::Postgres => self.dir.root.join(crate::server_info::SERVER_INFO_FILE),
+            },
+            found,
+            supported: match self.backend() {
+                Backend::Sqlite => SCHEMA_VERSION,
+                Backend::Postgres => PG_SCHEMA_VERSION,
+            },
+        }
     }
 
     fn migrate(&mut self) -> Result<()> {
+        // Read first: a current schema needs no write lock, so opening never waits behind a
+        // writer.
+        let (found, current) = self.found_version()?;
+        if found == current {
+            return Ok(());
+        }
+        if found > current {
+            return Err(self.newer_schema(found));
+        }
+        let newer = self.newer_schema(i64::MAX);
+        match self.backend() {
+            Backend::Sqlite => self.write(|tx| {
+                let found = tx.query_one("PRAGMA user_version", &[])?.i64(0)?;
+                if found > SCHEMA_VERSION {
+                    return Err(match &newer {
+                        Error::NewerSchema {
+                            path, supported, ..
+                        } => Error::NewerSchema {
+                            path: path.clone(),
+                            found,
+                            supported: *supported,
+                        },
+                        _ => unreachable!(),
+                    });
+                }
+                for (v, sql) in schema::SQLITE.iter().enumerate().skip(found as usize) {
+                    tx.batch(sql)?;
+                    tx.batch(&format!("PRAGMA user_version = {}", v + 1))?;
+                }
+                Ok(())
+            }),
+            Backend::Postgres => self.write(|tx| {
+                tx.exec("SELECT pg_advisory_xact_lock(?1)", &[MIGRATION_LOCK.into()])?;
+                tx.batch("CREATE TABLE IF NOT EXISTS balsam_schema (version BIGINT NOT NULL)")?;
+                let found = tx
+                    .query_one("SELECT max(version) FROM balsam_schema", &[])?
+                    .opt_i64(0)?
+                    .unwrap_or(0);
+                for (v, sql) in schema::POSTGRES.iter().enumerate().skip(found as usize) {
+                    tx.batch(sql)?;
+                    tx.exec(
+                        "INSERT INTO balsam_schema (version) VALUES (?1)",
+                        &[(v as i64 + 1).into()],
+                    )?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
+    /// The schema version in the database.
+    pub fn schema_version(&mut self) -> Result<i64> {
+        Ok(self.found_version()?.0)
+    }
+
+    /// Fails when the SQLite file this store opened was removed or replaced since (a deleted
+    /// database directory): writes would go to a file nobody will ever read again.
+    pub fn check_file(&self) -> Result<()> {
         let path = self.dir.db_file();
-        self.write(|tx| {
-            let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            if found > SCHEMA_VERSION {
-                return Err(Error::NewerSchema {
-                    path: path.clone(),
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
+        match (self.file_id, file_id(&path)) {
+            (Some(was), Some(now)) if was == now => Ok(()),
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(Error::DatabaseGone {
+                path,
+                problem: "it was removed".into(),
+            }),
+            (Some(_), Some(_)) => Err(Error::DatabaseGone {
+                path,
+                problem: "it was replaced by another file".into(),
+            }),
+        }
+    }
+
+    /// Runs `f` in one write transaction, again when the database asks for it (see the module
+    /// documentation). `f` may run more than once.
+    pub(crate) fn write<T>(&mut self, mut f: impl FnMut(&mut Tx) -> Result<T>) -> Result<T> {
+        self.refuse_if_read_only()?;
+        self.run(true, &mut f)
+    }
+
+    /// Runs `f` in one read transaction (a consistent snapshot), again when the database asks.
+    pub(crate) fn read<T>(&mut self, mut f: impl FnMut(&mut Tx) -> Result<T>) -> Result<T> {
+        self.run(false, &mut f)
+    }
+
+    /// Runs `f` once in one write transaction: only beginning it is retried, for work that
+    /// cannot be repeated (it consumes a stream). On an error the transaction is rolled back.
+    pub(crate) fn write_once<T>(&mut self, f: impl FnOnce(&mut Tx) -> Result<T>) -> Result<T> {
+        self.refuse_if_read_only()?;
+        let start = Instant::now();
+        loop {
+            self.ensure_connected(start)?;
+            match self.conn.as_mut().expect("connected") {
+                Conn::Sqlite(c) => {
+                    retry_busy(|| Ok(c.execute_batch("BEGIN IMMEDIATE")?))?;
+                    let mut tx = Tx::Sqlite(c);
+                    return finish_sqlite(c, f(&mut tx));
+                }
+                Conn::Pg(pg) => {
+                    if let Err(e) = pg.client.batch_execute("BEGIN") {
+                        let e = Error::Pg(e);
+                        if is_connection_error(&e) && start.elapsed() < self.patience {
+                            self.conn = None;
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    let out = {
+                        let mut tx = Tx::Pg(pg);
+                        f(&mut tx)
+                    };
+                    let r = finish_pg(pg, out);
+                    if r.as_ref().is_err_and(is_connection_error) {
+                        self.conn = None;
+                    }
+                    return r;
+                }
             }
-            for (v, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-                tx.execute_batch(sql)?;
-                tx.pragma_update(None, "user_version", v as i64 + 1)?;
+        }
+    }
+
+    fn refuse_if_read_only(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Refused(format!(
+                "the database at {} was opened for reading only",
+                self.dir.root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn run<T>(&mut self, write: bool, f: &mut dyn FnMut(&mut Tx) -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            self.ensure_connected(start)?;
+            match self.conn.as_mut().expect("connected") {
+                Conn::Sqlite(c) => {
+                    let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
+                    return retry_busy(|| {
+                        c.execute_batch(begin)?;
+                        let out = {
+                            let mut tx = Tx::Sqlite(c);
+                            f(&mut tx)
+                        };
+                        finish_sqlite(c, out)
+                    });
+                }
+                Conn::Pg(pg) => {
+                    // Writes run at READ COMMITTED and lock the rows they depend on (see
+                    // crate::sql); reads take one snapshot.
+                    let begin = if write {
+                        "BEGIN"
+                    } else {
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                    };
+                    let out = match pg.client.batch_execute(begin) {
+                        Ok(()) => {
+                            let out = {
+                                let mut tx = Tx::Pg(pg);
+                                f(&mut tx)
+                            };
+                            finish_pg(pg, out)
+                        }
+                        Err(e) => Err(Error::Pg(e)),
+                    };
+                    match out {
+                        Err(e) if is_retryable(&e) => {
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_millis(200));
+                        }
+                        Err(e) if is_connection_error(&e) => {
+                            self.conn = None;
+                            if !OUTAGE_ANNOUNCED.swap(true, Ordering::AcqRel) {
+                                tracing::warn!(
+                                    "lost the database server {} ({e}); retrying",
+                                    self.server
+                                        .as_ref()
+                                        .map(|s| s.address())
+                                        .unwrap_or_default()
+                                );
+                            }
+                            if start.elapsed() >= self.patience {
+                                return Err(self.unavailable(&e));
+                            }
+                        }
+                        other => return other,
+                    }
+                }
             }
+        }
+    }
+}
+
+/// Creates the database of `info` on its server when connecting says it does not exist
+/// (connecting to the server's `postgres` database to do it).
+fn create_database_if_missing(dir: &DbDir, info: &ServerInfo) -> Result<()> {
+    use postgres::error::SqlState;
+    match info.client_config(&dir.root).connect(postgres::NoTls) {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            let mut admin = info.client_config(&dir.root);
+            admin.dbname("postgres");
+            let mut c = admin.connect(postgres::NoTls)?;
+            let name = info.dbname.replace('"', "\"\"");
+            c.batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"))
+                .or_else(|e| {
+                    // Created by another process at the same moment.
+                    if e.code() == Some(&SqlState::DUPLICATE_DATABASE) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
             Ok(())
-        })
+        }
+        Err(e) => Err(Error::Pg(e)),
     }
+}
 
-    /// The schema version in the file.
-    pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+/// Commits after `out`, or rolls back.
+fn finish_sqlite<T>(c: &Connection, out: Result<T>) -> Result<T> {
+    match out {
+        Ok(v) => match c.execute_batch("COMMIT") {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK");
+                Err(e.into())
+            }
+        },
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK");
+            Err(e)
+        }
     }
+}
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction, retrying the whole transaction while
-    /// another process holds the write lock. `f` may run more than once.
-    pub(crate) fn write<T>(&mut self, mut f: impl FnMut(&Transaction) -> Result<T>) -> Result<T> {
-        let conn = &mut self.conn;
-        retry_busy(|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
-        })
+/// Commits after `out`, or rolls back.
+fn finish_pg<T>(pg: &mut PgConn, out: Result<T>) -> Result<T> {
+    match out {
+        Ok(v) => match pg.client.batch_execute("COMMIT") {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = pg.client.batch_execute("ROLLBACK");
+                Err(Error::Pg(e))
+            }
+        },
+        Err(e) => {
+            let _ = pg.client.batch_execute("ROLLBACK");
+            Err(e)
+        }
     }
+}
 
-    /// Runs `f` in one read transaction (a consistent snapshot), retrying on a busy database.
-    pub(crate) fn read<T>(&mut self, mut f: impl FnMut(&Transaction) -> Result<T>) -> Result<T> {
-        let conn = &mut self.conn;
-        retry_busy(|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-            let out = f(&tx)?;
-            tx.finish()?;
-            Ok(out)
-        })
+/// (device, inode) of a file, if it exists.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// PostgreSQL asks for the transaction to be run again.
+fn is_retryable(e: &Error) -> bool {
+    use postgres::error::SqlState;
+    matches!(e, Error::Pg(p) if p.code().is_some_and(|c|
+        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED))
+}
+
+/// The connection to the server is gone or cannot be made (the server stopped, restarts, or
+/// the network is down): worth waiting for.
+pub(crate) fn is_connection_error(e: &Error) -> bool {
+    let Error::Pg(p) = e else {
+        return false;
+    };
+    if p.is_closed() {
+        return true;
+    }
+    match p.code() {
+        // Connection exceptions (08...), the server shutting down or starting (57P01-57P03).
+        Some(c) => {
+            let code = c.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+        // No server answer at all: an I/O error or a timeout.
+        None => p.as_db_error().is_none(),
     }
 }
 

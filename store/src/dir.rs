@@ -1,11 +1,13 @@
-//! The database directory: the SQLite file, `data/` (job working directories), `log/`,
+//! The database directory: the SQLite file (or `server-info` naming a PostgreSQL server), `data/` (job working directories), `log/`,
 //! `qsubmit/` (batch scripts) and `settings.json`. Which one is active comes from `--db`, then
 //! `BALSAM_DB_PATH`.
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::server_info::SERVER_INFO_FILE;
 use crate::settings::Settings;
+use crate::sql::Backend;
 
 /// The SQLite file inside a database directory.
 pub const DB_FILE: &str = "balsamdb.sqlite3";
@@ -23,10 +25,15 @@ impl DbDir {
     /// Opens an existing database directory; refuses a path that holds no database.
     pub fn open(path: &Path) -> Result<DbDir> {
         let root = absolute(path)?;
-        if !root.join(DB_FILE).is_file() {
-            return Err(Error::NotADatabase(root));
+        if root.join(SERVER_INFO_FILE).is_file() {
+            return Ok(DbDir { root });
         }
-        Ok(DbDir { root })
+        let file = root.join(DB_FILE);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.is_file() && m.len() == 0 => Err(Error::EmptyDatabase(file)),
+            Ok(m) if m.is_file() => Ok(DbDir { root }),
+            _ => Err(Error::NotADatabase(root)),
+        }
     }
 
     /// The active database: `explicit` (the `--db` flag) or `BALSAM_DB_PATH`.
@@ -44,7 +51,7 @@ impl DbDir {
     /// by [`crate::Store::create`]).
     pub(crate) fn create_layout(path: &Path) -> Result<DbDir> {
         let root = absolute(path)?;
-        if root.join(DB_FILE).exists() {
+        if root.join(DB_FILE).exists() || root.join(SERVER_INFO_FILE).exists() {
             return Err(Error::AlreadyExists(root));
         }
         for sub in ["", "data", "log", "qsubmit", "job-templates"] {
@@ -58,6 +65,26 @@ impl DbDir {
                 .map_err(|e| Error::io(format!("cannot write {}", settings.display()), e))?;
         }
         Ok(DbDir { root })
+    }
+
+    /// Where the database lives: PostgreSQL when the directory has a `server-info`, else the
+    /// embedded SQLite file.
+    pub fn backend(&self) -> Backend {
+        if self.root.join(SERVER_INFO_FILE).is_file() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    /// Creates the directory layout for a PostgreSQL database (its `server-info` is written by
+    /// whoever sets up the server).
+    pub fn create_layout_for_server(path: &Path) -> Result<DbDir> {
+        let root = absolute(path)?;
+        if root.join(SERVER_INFO_FILE).exists() {
+            return Err(Error::AlreadyExists(root));
+        }
+        DbDir::create_layout(&root)
     }
 
     /// The SQLite file.

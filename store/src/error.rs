@@ -12,6 +12,17 @@ pub enum Error {
         "no Balsam database is active.\n  Activate one with `source balsamactivate PATH`, set BALSAM_DB_PATH=PATH, or pass --db PATH.\n  Create one with `balsam init PATH`."
     )]
     NoDatabase,
+    /// The database file is empty (truncated, or created by something else).
+    #[error("{} is empty (0 bytes): not a Balsam database. It may have been truncated; restore it from a backup, or create a new database with `balsam init DIR`", .0.display())]
+    EmptyDatabase(PathBuf),
+    /// The open database file was removed or replaced.
+    #[error("the database file {} is gone: {problem}; nothing more can be recorded in it", path.display())]
+    DatabaseGone {
+        /// The file.
+        path: PathBuf,
+        /// What happened to it.
+        problem: String,
+    },
     /// The path exists but holds no Balsam database.
     #[error("{} is not a Balsam database (no {} inside). Create one with `balsam init {}`", .0.display(), crate::dir::DB_FILE, .0.display())]
     NotADatabase(PathBuf),
@@ -125,6 +136,19 @@ pub enum Error {
     /// SQLite failed.
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// PostgreSQL failed.
+    #[error("database error: {}", pg_message(.0))]
+    Pg(#[from] postgres::Error),
+    /// The database server cannot be reached.
+    #[error("cannot reach the database server at {address}: {problem}.\n  {hint}")]
+    Unavailable {
+        /// `host:port`.
+        address: String,
+        /// What went wrong.
+        problem: String,
+        /// What to do about it.
+        hint: String,
+    },
     /// File system failed.
     #[error("{context}: {source}")]
     Io {
@@ -144,7 +168,45 @@ fn illegal_message(from: State, to: State, actor: Actor) -> String {
     }
 }
 
+/// PostgreSQL's own message, with its detail (the crate's Display says only "db error").
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{}: {d}", db.message()),
+            None => db.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
 impl Error {
+    /// Whether the database cannot be reached or written at the moment (a server down, a full
+    /// disk, a read-only or vanished file): something to wait out or report, never the fault
+    /// of a job.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            Error::Unavailable { .. } | Error::DatabaseGone { .. } => true,
+            Error::Sql(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                C::DiskFull
+                    | C::ReadOnly
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::PermissionDenied
+                    | C::DatabaseBusy
+                    | C::DatabaseLocked
+            ),
+            Error::Pg(p) => {
+                crate::db::is_connection_error(self)
+                    || p.code().is_some_and(|c| {
+                        matches!(c.code(), "53100" | "53200" | "25006" | "57P01" | "57P03")
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {

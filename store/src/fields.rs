@@ -22,6 +22,8 @@ pub enum Kind {
     Environ,
     /// A JSON object.
     Json,
+    /// Command-line words, split as a shell would (quotes must balance).
+    Args,
 }
 
 impl Kind {
@@ -34,123 +36,158 @@ impl Kind {
             Kind::Affinity => "none or depth",
             Kind::Environ => "NAME=VALUE pairs separated by colons, e.g. A=1:B=2",
             Kind::Json => "a JSON object, e.g. {\"key\": 1}",
+            Kind::Args => "command-line words with balanced quotes, e.g. --x 'a b'",
         }
     }
 }
 
-/// A job field: its name (also its column) and kind.
+/// A job field: its name (also its column), kind, and for integers the largest value allowed.
 pub struct Field {
     /// Name users type and the database column.
     pub name: &'static str,
     /// Its type.
     pub kind: Kind,
+    /// Largest value of an integer field (0 for other kinds). Bounds keep absurd numbers out at
+    /// entry, where the message can name the field, instead of failing later in arithmetic.
+    pub max: u32,
 }
+
+/// Largest node count of a job (num_nodes, coschedule_num_nodes, and their sum).
+pub const MAX_NODES: u32 = 1_000_000;
+/// Largest wall time of a job: a year.
+pub const MAX_WALL_TIME_MINUTES: u32 = 525_600;
 
 /// Every settable job field, in the order of the talk's confirmation block.
 pub const FIELDS: &[Field] = &[
     Field {
         name: "workflow",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "name",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "description",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "input_files",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "stage_in_url",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "stage_out_files",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "stage_out_url",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "wall_time_minutes",
         kind: Kind::Count,
+        max: MAX_WALL_TIME_MINUTES,
     },
     Field {
         name: "num_nodes",
         kind: Kind::Positive,
+        max: MAX_NODES,
     },
     Field {
         name: "coschedule_num_nodes",
         kind: Kind::Count,
+        max: MAX_NODES,
     },
     Field {
         name: "ranks_per_node",
         kind: Kind::Positive,
+        max: 100_000,
     },
     Field {
         name: "cpu_affinity",
         kind: Kind::Affinity,
+        max: 0,
     },
     Field {
         name: "threads_per_rank",
         kind: Kind::Positive,
+        max: 100_000,
     },
     Field {
         name: "threads_per_core",
         kind: Kind::Positive,
+        max: 64,
     },
     Field {
         name: "node_packing_count",
         kind: Kind::Positive,
+        max: 100_000,
     },
     Field {
         name: "environ_vars",
         kind: Kind::Environ,
+        max: 0,
     },
     Field {
         name: "mpi_flags",
-        kind: Kind::Text,
+        kind: Kind::Args,
+        max: 0,
     },
     Field {
         name: "application",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "args",
-        kind: Kind::Text,
+        kind: Kind::Args,
+        max: 0,
     },
     Field {
         name: "user_workdir",
         kind: Kind::Text,
+        max: 0,
     },
     Field {
         name: "wait_for_parents",
         kind: Kind::Bool,
+        max: 0,
     },
     Field {
         name: "post_error_handler",
         kind: Kind::Bool,
+        max: 0,
     },
     Field {
         name: "post_timeout_handler",
         kind: Kind::Bool,
+        max: 0,
     },
     Field {
         name: "auto_timeout_retry",
         kind: Kind::Bool,
+        max: 0,
     },
     Field {
         name: "max_restarts",
         kind: Kind::Count,
+        max: 1_000_000,
     },
     Field {
         name: "data",
         kind: Kind::Json,
+        max: 0,
     },
 ];
 
@@ -183,10 +220,15 @@ pub enum Value {
 }
 
 fn bad(field: &Field, value: &str) -> Error {
+    let expected = match field.kind {
+        Kind::Count => format!("an integer from 0 to {}", field.max),
+        Kind::Positive => format!("an integer from 1 to {}", field.max),
+        other => other.expected().to_string(),
+    };
     Error::BadValue {
         field: field.name.to_string(),
         value: value.to_string(),
-        expected: field.kind.expected().to_string(),
+        expected,
     }
 }
 
@@ -221,11 +263,19 @@ impl Field {
             Kind::Text => Ok(Value::Text(s.to_string())),
             Kind::Count | Kind::Positive => {
                 let n: u32 = s.trim().parse().map_err(|_| bad(self, s))?;
-                if self.kind == Kind::Positive && n == 0 {
+                if (self.kind == Kind::Positive && n == 0) || n > self.max {
                     return Err(bad(self, s));
                 }
                 Ok(Value::Int(n))
             }
+            Kind::Args => match shell_words::split(s) {
+                Ok(_) => Ok(Value::Text(s.to_string())),
+                Err(e) => Err(Error::BadValue {
+                    field: self.name.to_string(),
+                    value: s.to_string(),
+                    expected: format!("{} ({e})", self.kind.expected()),
+                }),
+            },
             Kind::Bool => parse_bool(s).map(Value::Bool).ok_or_else(|| bad(self, s)),
             Kind::Affinity => match s.trim() {
                 "none" | "depth" => Ok(Value::Text(s.trim().to_string())),
@@ -259,7 +309,7 @@ impl Field {
                 Some(x) if x <= u32::MAX as u64 => self.parse_str(&x.to_string()),
                 _ => Err(bad(self, &n.to_string())),
             },
-            (Kind::Text, J::Number(n)) => Ok(Value::Text(n.to_string())),
+            (Kind::Text | Kind::Args, J::Number(n)) => Ok(Value::Text(n.to_string())),
             (_, J::String(s)) => self.parse_str(s),
             (Kind::Environ, J::Object(map)) => {
                 // {"A": "1"} is a friendlier way to write A=1 in JSON.
@@ -411,6 +461,23 @@ mod tests {
             env.parse_json(&serde_json::json!({"A": "1"})).unwrap(),
             Value::Text("A=1".into())
         );
+    }
+
+    #[test]
+    fn absurd_numbers_and_unbalanced_quotes_are_refused() {
+        let n = field("num_nodes").unwrap();
+        let e = n.parse_str("4294967295").unwrap_err().to_string();
+        assert!(e.contains("num_nodes") && e.contains("1 to 1000000"), "{e}");
+        assert!(n.parse_str("1000000").is_ok());
+        assert!(field("wall_time_minutes")
+            .unwrap()
+            .parse_str("525601")
+            .is_err());
+        let a = field("args").unwrap();
+        let e = a.parse_str("'x").unwrap_err().to_string();
+        assert!(e.contains("args") && e.contains("quote"), "{e}");
+        assert!(a.parse_str("--x 'a b' \"c\"").is_ok());
+        assert!(field("mpi_flags").unwrap().parse_str("-x \"y").is_err());
     }
 
     #[test]

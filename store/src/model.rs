@@ -67,6 +67,40 @@ pub struct JobSpec {
     pub data: serde_json::Value,
 }
 
+/// A new job's id.
+///
+/// Jobs are stored under a time-ordered key (a UUID v7: a millisecond timestamp, then random
+/// bits), so a million new jobs append to the id index instead of scattering over it (random
+/// ids made the import index-bound). Users see the key rotated by 9 bytes: the random bits come
+/// first, so ids still differ from their first characters, as legacy Balsam's random ids did.
+/// Short prefixes (`balsam modify fab5 ...`) and the `name_id8` of working directories stay
+/// unique, and only the store knows the stored order ([`job_key`]).
+pub fn new_job_id() -> Uuid {
+    id_from_key(Uuid::now_v7().as_bytes())
+}
+
+/// Bytes the displayed id is rotated by (see [`new_job_id`]).
+const ID_ROTATION: usize = 9;
+
+/// The stored key of a job id.
+pub(crate) fn job_key(id: &Uuid) -> [u8; 16] {
+    let mut k = *id.as_bytes();
+    k.rotate_right(ID_ROTATION);
+    k
+}
+
+/// The job id of a stored key.
+pub(crate) fn id_from_key(key: &[u8]) -> Uuid {
+    let mut b = [0u8; 16];
+    let n = key.len().min(16);
+    b[..n].copy_from_slice(&key[..n]);
+    b.rotate_left(ID_ROTATION);
+    Uuid::from_bytes(b)
+}
+
+/// SQL for the hex digits of a stored key's id, as users see it (upper case).
+pub(crate) const ID_HEX_SQL: &str = "(hex(substr(job_id, 10, 7)) || hex(substr(job_id, 1, 9)))";
+
 /// Default bound on automatic restarts of one job.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
 
@@ -276,6 +310,8 @@ pub struct Session {
     pub heartbeat_us: i64,
     /// When it ended or expired, if it did.
     pub ended_us: Option<i64>,
+    /// The process's identity on its host (see [`crate::procid`]), '' when unknown.
+    pub proc_id: String,
 }
 
 /// What a session registers with.
@@ -333,4 +369,24 @@ pub struct QueuedLaunch {
     pub created_us: i64,
     /// Last update, µs since the epoch.
     pub updated_us: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_look_random_but_are_stored_in_time_order() {
+        let ids: Vec<Uuid> = (0..200).map(|_| new_job_id()).collect();
+        for id in &ids {
+            assert_eq!(id_from_key(&job_key(id)), *id);
+        }
+        let keys: Vec<[u8; 16]> = ids.iter().map(job_key).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "keys ascend");
+        // The displayed ids differ from their first characters: short prefixes and the id8 of
+        // working directories stay unique.
+        let id8s: std::collections::HashSet<String> =
+            ids.iter().map(|i| i.to_string()[..8].to_string()).collect();
+        assert_eq!(id8s.len(), ids.len());
+    }
 }

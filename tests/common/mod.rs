@@ -140,21 +140,49 @@ pub struct Db {
     pub path: PathBuf,
 }
 
-impl Db {
-    /// `balsam init` in a new temporary folder.
-    pub fn new() -> Db {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("test-db");
-        let out = run_cmd(
+/// Whether the suites run against PostgreSQL (BALSAM_TEST_BACKEND=postgres, with the shared
+/// test server of BALSAM_TEST_PG_URL that tests/pg/server.sh started) instead of SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("BALSAM_TEST_BACKEND").as_deref() == Ok("postgres")
+}
+
+/// Creates a database directory at `path` for a test: `balsam init` (SQLite), or on
+/// PostgreSQL a database of its own on the shared test server.
+pub fn create_db(path: &Path) {
+    if !on_postgres() {
+        run_cmd(
             {
                 let mut c = Command::new(balsam_bin());
-                c.arg("init").arg(&path).env_remove("BALSAM_DB_PATH");
+                c.arg("init").arg(path).env_remove("BALSAM_DB_PATH");
                 c
             },
             TIMEOUT,
             None,
-        );
-        out.ok();
+        )
+        .ok();
+        return;
+    }
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let url = std::env::var("BALSAM_TEST_PG_URL")
+        .expect("BALSAM_TEST_PG_URL (tests/pg/server.sh start DIR prints it)");
+    let (mut info, password) = balsam_store::ServerInfo::from_url(&url).unwrap();
+    info.dbname = format!(
+        "t{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        balsam_store::now_us() % 1_000_000_000
+    );
+    balsam_store::Store::create_on_server(path, &info, password.as_deref())
+        .unwrap_or_else(|e| panic!("creating a test database on {url}: {e}"));
+}
+
+impl Db {
+    /// A new database in a new temporary folder (see [`create_db`]).
+    pub fn new() -> Db {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("test-db");
+        create_db(&path);
         Db { tmp, path }
     }
 
