@@ -172,23 +172,7 @@ pub fn is_file_system_error(e: &std::io::Error) -> bool {
 /// Whether a store error is the database being unwritable or unreachable (worth retrying later),
 /// rather than something about one job.
 pub fn is_database_trouble(e: &balsam_store::Error) -> bool {
-    use rusqlite::ErrorCode as C;
-    match e {
-        balsam_store::Error::Sql(rusqlite::Error::SqliteFailure(f, _)) => matches!(
-            f.code,
-            C::DiskFull
-                | C::ReadOnly
-                | C::SystemIoFailure
-                | C::CannotOpen
-                | C::DatabaseBusy
-                | C::DatabaseLocked
-                | C::PermissionDenied
-                | C::OutOfMemory
-                | C::FileLockingProtocolFailed
-        ),
-        balsam_store::Error::Io { .. } => true,
-        _ => false,
-    }
+    e.is_unavailable() || matches!(e, balsam_store::Error::Io { .. })
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use balsam_store::RunnableGroup;
+
 /// Another live session that holds jobs this launcher could run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherSession {
@@ -21,27 +23,8 @@ pub struct OtherSession {
     pub id: i64,
     /// Its host.
     pub host: String,
-    /// Jobs it holds that match this launcher's workflow filter.
-    pub jobs: u64,
     /// Since its last heartbeat.
     pub silent_for: Duration,
-}
-
-/// Runnable jobs of one shape, with an example.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunnableShape {
-    /// One node, one rank.
-    pub serial: bool,
-    /// Nodes each needs (num_nodes + coschedule_num_nodes).
-    pub nodes: u32,
-    /// Ranks per node.
-    pub ranks_per_node: u32,
-    /// Wall time, minutes.
-    pub wall_time_minutes: u32,
-    /// How many.
-    pub count: u64,
-    /// One of them, as `name | id8`.
-    pub example: String,
 }
 
 /// What this launcher can run.
@@ -57,19 +40,19 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// Why this launcher cannot run jobs of `shape`; None when it can.
-    pub fn why_not(&self, shape: &RunnableShape) -> Option<String> {
+    pub fn why_not(&self, shape: &RunnableGroup) -> Option<String> {
         use crate::config::JobMode;
-        if shape.nodes > self.nodes {
+        if shape.nodes_needed > self.nodes {
             return Some(format!(
                 "they need {} nodes and this launcher has {}",
-                shape.nodes, self.nodes
+                shape.nodes_needed, self.nodes
             ));
         }
         if !shape.serial && self.job_mode == JobMode::Serial {
-            return Some(format!(
-                "they are MPI jobs ({} nodes x {} ranks) and this launcher runs serial jobs only (--job-mode serial)",
-                shape.nodes, shape.ranks_per_node
-            ));
+            return Some(
+                "they are MPI jobs (several nodes or ranks) and this launcher runs serial jobs only (--job-mode serial)"
+                    .into(),
+            );
         }
         if !crate::scheduler::fits_time(shape.wall_time_minutes, self.time_left) {
             let left = self.time_left.unwrap_or_default().as_secs_f64() / 60.0;
@@ -83,7 +66,7 @@ impl Capabilities {
 }
 
 /// The runnable jobs a launcher cannot run, in lines for the user: how many, an example, why.
-pub fn explain_not_here(shapes: &[RunnableShape], caps: &Capabilities) -> Vec<String> {
+pub fn explain_not_here(shapes: &[RunnableGroup], caps: &Capabilities) -> Vec<String> {
     shapes
         .iter()
         .filter_map(|s| {
@@ -116,7 +99,9 @@ pub struct IdleFacts {
     pub on_their_way: u64,
     /// Jobs waiting for their parents.
     pub awaiting_parents: u64,
-    /// Other live sessions holding jobs of this launcher's workflow filter.
+    /// Jobs of this launcher's workflow filter that other live sessions hold.
+    pub held_by_others: u64,
+    /// Those sessions.
     pub others: Vec<OtherSession>,
     /// A service session is live.
     pub service: bool,
@@ -202,8 +187,8 @@ pub fn decide_idle(facts: &IdleFacts, idle_for: Duration, rules: &IdleRules) -> 
             at_most: None,
         };
     }
-    if !facts.others.is_empty() {
-        let jobs: u64 = facts.others.iter().map(|o| o.jobs).sum();
+    if facts.held_by_others > 0 {
+        let jobs = facts.held_by_others;
         let who: Vec<String> = facts
             .others
             .iter()
@@ -217,10 +202,9 @@ pub fn decide_idle(facts: &IdleFacts, idle_for: Duration, rules: &IdleRules) -> 
                     )
                 };
                 format!(
-                    "session {} on {} ({} jobs, last heartbeat {} s ago; {comes_back})",
+                    "session {} on {} (last heartbeat {} s ago; {comes_back})",
                     o.id,
                     o.host,
-                    o.jobs,
                     o.silent_for.as_secs()
                 )
             })
@@ -321,10 +305,10 @@ mod tests {
     fn jobs_held_by_another_launcher_are_waited_for_until_they_come_back() {
         let facts = IdleFacts {
             awaiting_parents: 4,
+            held_by_others: 178,
             others: vec![OtherSession {
                 id: 7,
                 host: "nid00012".into(),
-                jobs: 178,
                 silent_for: Duration::from_secs(40),
             }],
             ..IdleFacts::default()
@@ -368,10 +352,9 @@ mod tests {
             nodes: 2,
             time_left: Some(Duration::from_secs(6)),
         };
-        let shape = |serial, nodes, rpn, wall, example: &str| RunnableShape {
+        let shape = |serial, nodes, _rpn: u32, wall, example: &str| RunnableGroup {
             serial,
-            nodes,
-            ranks_per_node: rpn,
+            nodes_needed: nodes,
             wall_time_minutes: wall,
             count: 3,
             example: example.into(),

@@ -27,7 +27,7 @@ use balsam_store::{DbDir, Job, LeaseFilter, LeaseGroup, Outcome, State, Store, T
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::health::{self, Health, Resource};
-use crate::idle::{explain_not_here, Capabilities, IdleFacts, OtherSession, RunnableShape};
+use crate::idle::{explain_not_here, Capabilities, IdleFacts, OtherSession};
 use crate::jobenv::{job_environment, LauncherContext};
 use crate::messages::{ExitStatus, JobFinished};
 use crate::process;
@@ -141,7 +141,7 @@ pub const FINISH_PATIENCE: Duration = Duration::from_secs(60);
 /// those silent for longer than `expiry`. Their running jobs become RESTART_READY, their other
 /// leases are released.
 pub fn expire_sessions(store: &mut Store, host: &str, expiry: Duration) {
-    let _ = host;
+    expire_dead_sessions(store, host);
     match store.expire_sessions(expiry) {
         Ok(expired) => {
             for e in expired {
@@ -156,6 +156,26 @@ pub fn expire_sessions(store: &mut Store, host: &str, expiry: Duration) {
             }
         }
         Err(e) => tracing::warn!("expiring sessions failed: {e}"),
+    }
+}
+
+/// Ends the sessions of launchers on this host whose process is gone (kill -9, a crash): their
+/// jobs come back at once instead of after the lease expiry.
+pub fn expire_dead_sessions(store: &mut Store, host: &str) {
+    match store.expire_dead_sessions(host) {
+        Ok(expired) => {
+            for e in expired {
+                tracing::warn!(
+                    "launcher session {} ({}:{}) is gone (its process died): {} running jobs to RESTART_READY, {} released",
+                    e.session.id,
+                    e.session.host,
+                    e.session.pid,
+                    e.restarted,
+                    e.released
+                );
+            }
+        }
+        Err(e) => tracing::warn!("looking for dead launcher sessions failed: {e}"),
     }
 }
 
@@ -252,6 +272,7 @@ pub fn spawn(
         last_heartbeat: Instant::now(),
         last_kill_poll: Instant::now(),
         last_expire: Instant::now(),
+        last_dead_check: Instant::now(),
         last_status: Instant::now() - Duration::from_secs(10),
     };
     std::thread::Builder::new()
@@ -287,8 +308,13 @@ struct StoreThread {
     last_heartbeat: Instant,
     last_kill_poll: Instant,
     last_expire: Instant,
+    last_dead_check: Instant,
     last_status: Instant,
 }
+
+/// How often the thread checks the database file and looks for launchers of this host whose
+/// process died.
+const DEAD_SESSION_CHECK: Duration = Duration::from_secs(2);
 
 /// How much lower than the job-running threads the store thread runs.
 pub const BOOKKEEPING_NICE: i32 = 10;
@@ -545,6 +571,7 @@ impl StoreThread {
                     self.settle(pending, outcomes);
                 }
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
+                Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
                 Err(e) if health::is_database_trouble(&e) => {
                     // Kept, and tried again after the backoff.
                     self.health.failed(
@@ -628,6 +655,24 @@ impl StoreThread {
         for p in pending {
             let outs = &outcomes[i..i + p.ts.len()];
             i += p.ts.len();
+            if outs.iter().any(|o| matches!(o, Outcome::Gone)) {
+                // Removed by a user meanwhile: nothing to write, nothing to release.
+                if self.dropping.insert(p.pk) || !matches!(p.kind, Kind::Start) {
+                    tracing::info!(
+                        "job #{}: removed from the database while this launcher held it; stopping it and writing nothing more for it",
+                        p.pk
+                    );
+                }
+                match p.kind {
+                    // Its process runs: stop it; the lease is gone with the job.
+                    Kind::Start => conflicts.push(p.pk),
+                    _ => {
+                        self.leased.remove(&p.pk);
+                        self.dropping.remove(&p.pk);
+                    }
+                }
+                continue;
+            }
             let conflict = outs.iter().find_map(|o| match o {
                 Outcome::Conflict(s) => Some(*s),
                 _ => None,
@@ -689,8 +734,17 @@ impl StoreThread {
             match self.store.heartbeat(self.cfg.session) {
                 Ok(()) => {}
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
+                Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
                 Err(e) => tracing::warn!("heartbeat failed: {e}"),
             }
+        }
+        if self.last_dead_check.elapsed() >= DEAD_SESSION_CHECK {
+            self.last_dead_check = Instant::now();
+            // A stat of the database file: was it removed or replaced under us?
+            if let Err(e) = self.store.check_file() {
+                return self.database_gone(e);
+            }
+            expire_dead_sessions(&mut self.store, &self.cfg.host);
         }
         if self.last_kill_poll.elapsed() >= Duration::from_millis(400) {
             self.last_kill_poll = Instant::now();
@@ -727,140 +781,87 @@ impl StoreThread {
         }
     }
 
-    /// Finds jobs a user killed (USER_KILLED) while this launcher holds them, and has the
-    /// master stop them.
+    /// Finds jobs a user killed, removed or set to another state while this launcher holds
+    /// them, and has the master stop them: one log line each, nothing written for them, the
+    /// lease given back once their process ended.
     fn poll_user_changes(&mut self) {
-        match self.store.killed_jobs(self.cfg.session) {
-            Ok(pks) => {
-                let fresh: Vec<i64> = pks
-                    .into_iter()
-                    .filter(|pk| self.leased.contains_key(pk) && self.dropping.insert(*pk))
-                    .collect();
-                if !fresh.is_empty() {
-                    for pk in &fresh {
-                        if let Some(j) = self.leased.get(pk) {
-                            tracing::info!(
-                                "{}: killed by its user; stopping it and writing nothing more",
-                                j.cute_id()
-                            );
-                        }
-                    }
-                    let _ = self.tx.send(FromStore::Drop(fresh));
+        if self.leased.is_empty() {
+            return;
+        }
+        let now: HashMap<i64, State> = match self.store.lease_states(self.cfg.session) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                if health::is_database_trouble(&e) {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now());
+                } else {
+                    tracing::warn!("polling the states of held jobs failed: {e}");
                 }
+                return;
             }
-            Err(e) => tracing::warn!("polling for killed jobs failed: {e}"),
+        };
+        let mut drop = Vec::new();
+        for (pk, job) in &self.leased {
+            if self.dropping.contains(pk) {
+                continue;
+            }
+            let why = match now.get(pk) {
+                None => "removed from the database while this launcher held it".to_string(),
+                Some(State::UserKilled) => "killed by its user".to_string(),
+                Some(s) if *s != job.state => {
+                    format!("set to {s} by a user while {} here", job.state)
+                }
+                Some(_) => continue,
+            };
+            tracing::info!(
+                "{}: {why}; stopping it and writing nothing more for it",
+                job.cute_id()
+            );
+            drop.push(*pk);
+        }
+        if !drop.is_empty() {
+            self.dropping.extend(drop.iter().copied());
+            let _ = self.tx.send(FromStore::Drop(drop));
         }
     }
 
     /// What could still arrive for this launcher.
-    /// Seam: `Store::work_outlook` and `Store::runnable_overview` replace the queries here.
     fn idle_facts(&mut self) -> balsam_store::Result<IdleFacts> {
         let caps = Capabilities {
             job_mode: self.cfg.job_mode,
             nodes: self.cfg.nodes,
             time_left: self.time_left(),
         };
-        let mut facts = IdleFacts::default();
-        let wf = self.cfg.wf_filter.clone();
-        let mine = |j: &Job| j.lease_session.is_none() && j.spec.workflow.contains(wf.as_str());
-        let mut shapes: Vec<RunnableShape> = Vec::new();
-        for state in [State::Preprocessed, State::RestartReady] {
-            let filter = balsam_store::JobFilter {
-                state: Some(state),
-                ..Default::default()
-            };
-            for j in self
-                .store
-                .list_jobs(&filter, 5000)?
-                .0
-                .iter()
-                .filter(|j| mine(j))
-            {
-                let shape = RunnableShape {
-                    serial: j.is_serial(),
-                    nodes: j.spec.num_nodes.max(1) + j.spec.coschedule_num_nodes,
-                    ranks_per_node: j.spec.ranks_per_node,
-                    wall_time_minutes: j.spec.wall_time_minutes,
-                    count: 1,
-                    example: format!("{} | {}", j.spec.name, j.id8()),
-                };
-                match shapes.iter_mut().find(|s| {
-                    (s.serial, s.nodes, s.ranks_per_node, s.wall_time_minutes)
-                        == (
-                            shape.serial,
-                            shape.nodes,
-                            shape.ranks_per_node,
-                            shape.wall_time_minutes,
-                        )
-                }) {
-                    Some(s) => s.count += 1,
-                    None => shapes.push(shape),
-                }
-            }
-        }
-        for s in &shapes {
-            if caps.why_not(s).is_none() {
-                facts.runnable_here += s.count;
-            }
-        }
-        facts.not_here = explain_not_here(&shapes, &caps);
-        for state in [
-            State::Created,
-            State::Ready,
-            State::StagedIn,
-            State::RunDone,
-            State::RunError,
-            State::RunTimeout,
-            State::Postprocessed,
-        ] {
-            let filter = balsam_store::JobFilter {
-                state: Some(state),
-                ..Default::default()
-            };
-            facts.on_their_way += self
-                .store
-                .list_jobs(&filter, 5000)?
-                .0
-                .iter()
-                .filter(|j| mine(j))
-                .count() as u64;
-        }
-        let filter = balsam_store::JobFilter {
-            state: Some(State::AwaitingParents),
-            ..Default::default()
-        };
-        facts.awaiting_parents = self
+        let outlook = self
             .store
-            .list_jobs(&filter, 5000)?
-            .0
-            .iter()
-            .filter(|j| j.spec.workflow.contains(wf.as_str()))
-            .count() as u64;
-        for s in self.store.live_sessions()? {
-            if s.id == self.cfg.session {
-                continue;
-            }
-            if s.kind == "service" {
-                facts.service = true;
-            }
-            let jobs = self
-                .store
-                .leased_jobs(s.id)?
+            .work_outlook(self.cfg.session, &self.cfg.wf_filter)?;
+        let groups = if outlook.runnable_free > 0 {
+            self.store.runnable_overview(&self.cfg.wf_filter)?
+        } else {
+            Vec::new()
+        };
+        let now = balsam_store::now_us();
+        Ok(IdleFacts {
+            runnable_here: groups
                 .iter()
-                .filter(|j| j.spec.workflow.contains(wf.as_str()))
-                .count() as u64;
-            if jobs > 0 {
-                facts.others.push(OtherSession {
+                .filter(|g| caps.why_not(g).is_none())
+                .map(|g| g.count)
+                .sum(),
+            not_here: explain_not_here(&groups, &caps),
+            on_their_way: outlook.processable_free,
+            awaiting_parents: outlook.awaiting_parents,
+            held_by_others: outlook.held_by_others,
+            others: outlook
+                .others
+                .iter()
+                .map(|s| OtherSession {
                     id: s.id,
                     host: s.host.clone(),
-                    jobs,
-                    silent_for: Duration::from_micros(
-                        (balsam_store::now_us() - s.heartbeat_us).max(0) as u64,
-                    ),
-                });
-            }
-        }
-        Ok(facts)
+                    silent_for: Duration::from_micros((now - s.heartbeat_us).max(0) as u64),
+                })
+                .collect(),
+            service: outlook.service_live,
+        })
     }
 
     fn lease(&mut self, class: Class) {
@@ -884,6 +885,7 @@ impl StoreThread {
         ) {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
+            Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
             Err(e) => {
                 if health::is_database_trouble(&e) {
                     self.health
@@ -960,6 +962,16 @@ impl StoreThread {
             self.pending.clear();
             self.release.clear();
             let _ = self.tx.send(FromStore::SessionLost);
+        }
+    }
+
+    /// The database file was removed or replaced: nothing can be recorded any more.
+    fn database_gone(&mut self, e: balsam_store::Error) {
+        if !self.gone {
+            self.gone = true;
+            self.pending.clear();
+            self.release.clear();
+            let _ = self.tx.send(FromStore::DatabaseGone(e.to_string()));
         }
     }
 
