@@ -373,7 +373,6 @@ fn start<'w>(
         stop_began: None,
         finish_sent: false,
         store_end: None,
-        exit_code: 0,
         stats: Stats::default(),
         cfg,
     };
@@ -452,7 +451,6 @@ struct Master<'w> {
     finish_sent: bool,
     /// The store thread ended: with what it could not do, if anything.
     store_end: Option<Option<String>>,
-    exit_code: i32,
     stats: Stats,
 }
 
@@ -528,28 +526,44 @@ impl Master<'_> {
     }
 
     fn exit_code(&self) -> i32 {
-        if self.stopping == Some(Stop::SessionLost) {
-            return EXIT_SESSION_LOST;
-        }
-        if self.stopping == Some(Stop::DatabaseGone) {
-            return EXIT_DATABASE;
+        let db_file = self.cfg.db.db_file();
+        let fail = |msg: String| {
+            tracing::error!("{msg}");
+            eprintln!("balsam-mpi-launcher: {msg}");
+            EXIT_DATABASE
+        };
+        match &self.stopping {
+            Some(Stop::SessionLost) => return EXIT_SESSION_LOST,
+            Some(Stop::DatabaseGone) => return EXIT_DATABASE,
+            _ => {}
         }
         match &self.store_end {
-            Some(Some(problem)) => {
-                tracing::error!("{problem}");
-                eprintln!("balsam-mpi-launcher: {problem}");
-                EXIT_DATABASE
-            }
+            Some(Some(problem)) => return fail(problem.clone()),
             None => {
-                let msg = format!(
+                return fail(format!(
                     "the session could not be ended in the database {} in time; its jobs run again once it expires",
-                    self.cfg.db.db_file().display()
-                );
-                tracing::error!("{msg}");
-                eprintln!("balsam-mpi-launcher: {msg}");
-                EXIT_DATABASE
+                    db_file.display()
+                ))
             }
-            _ => self.exit_code,
+            Some(None) => {}
+        }
+        // Stopped from outside while the database or the job files could not be written: say so,
+        // the jobs that could not start are left as they were.
+        let trouble = self
+            .health
+            .trouble(Resource::Database)
+            .or_else(|| self.health.trouble(Resource::JobFiles));
+        let why = match self.stopping {
+            Some(Stop::TimeLimit) => "at the time limit",
+            Some(Stop::Signal) => "by a signal",
+            _ => return 0,
+        };
+        match trouble {
+            Some(t) => fail(format!(
+                "stopped {why} while it {t} (database directory {}); jobs that could not start are left as they were",
+                self.cfg.db.root.display()
+            )),
+            None => 0,
         }
     }
 

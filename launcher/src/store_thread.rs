@@ -135,7 +135,7 @@ impl Demand {
 }
 
 /// How long the store thread keeps trying to write its results when the launcher stops.
-pub const FINISH_PATIENCE: Duration = Duration::from_secs(60);
+pub const FINISH_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Ends the sessions of launchers that are gone: on this host those whose process died, anywhere
 /// those silent for longer than `expiry`. Their running jobs become RESTART_READY, their other
