@@ -8,8 +8,9 @@
 //!   [`crate::packing`]), the least loaded first.
 //! - When none can, a job may wait on a worker as a *backlog*, so a worker never waits for the
 //!   master between two short jobs — but only when jobs are short (the observed run times say so:
-//!   [`BACKLOG_WORK`] of work per slot at most), and not on a worker that is busy with a job
-//!   running far longer than usual. Without observations there is no backlog.
+//!   [`BACKLOG_WORK`] of work per slot, at least one job when they are shorter than
+//!   [`SHORT_JOB`]), and not on a worker that is busy with a job running far longer than usual.
+//!   Without observations there is no backlog.
 //! - A backlog is reclaimable: a job that sat unstarted on one worker for [`RECLAIM_AFTER`] while
 //!   another worker has room and nothing else to do is taken back ([`Action::Reclaim`]) and placed
 //!   again. So no job waits behind a busy worker while another has room.
@@ -39,12 +40,15 @@ pub enum Class {
 
 /// Work per slot a worker may hold beyond what it runs, in expected run time.
 pub const BACKLOG_WORK: Duration = Duration::from_millis(50);
-/// Jobs at least this long (expected) get no backlog at all: one slot, one job.
-pub const SHORT_JOB: Duration = Duration::from_secs(1);
+/// Jobs at least this long (expected) get no backlog at all: one slot, one job. Shorter ones
+/// get at least one, so a worker starts the next at once (a round trip to the master and the
+/// worker's idle polling cost a few per cent of a 1 s job).
+pub const SHORT_JOB: Duration = Duration::from_secs(5);
 /// A job unstarted on a worker this long, while another worker has room, is taken back.
 pub const RECLAIM_AFTER: Duration = Duration::from_millis(500);
-/// Expected work per slot held beyond the running jobs, so leasing stays a small cost per job.
-pub const LEASE_AHEAD: Duration = Duration::from_secs(1);
+/// Expected work per slot held beyond the running jobs, so leasing stays a small cost per job
+/// and a slot never waits for a lease between two jobs shorter than this.
+pub const LEASE_AHEAD: Duration = Duration::from_secs(2);
 /// Most serial jobs a launcher holds, running or not.
 pub const MAX_SERIAL_IN_HAND: usize = 4096;
 /// Most backlog jobs per slot, and per worker.
@@ -886,9 +890,9 @@ mod tests {
             s.add(serial(pk));
         }
         assert_eq!(runs(&s.decide(t, None)).len(), 2, "one per slot");
-        // Jobs of 2 s: still one per slot.
-        run_for(&mut s, 1, t, 2.0);
-        run_for(&mut s, 2, t, 2.0);
+        // Jobs of 10 s: still one per slot.
+        run_for(&mut s, 1, t, 10.0);
+        run_for(&mut s, 2, t, 10.0);
         let a = runs(&s.decide(t, None));
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|(_, _, backlog)| !backlog), "{a:?}");
@@ -1054,12 +1058,18 @@ mod tests {
         run_for(&mut s, 1, t, 15.0);
         run_for(&mut s, 2, t, 15.0);
         assert_eq!(s.lease_target().0, 2);
-        // Short jobs: a second of work per slot ahead.
+        // Short jobs: two seconds of work per slot ahead.
         let mut s = two_workers();
         s.add(serial(1));
         s.decide(t, None);
         run_for(&mut s, 1, t, 0.001);
-        assert_eq!(s.lease_target().0, 2 * 1001);
+        assert_eq!(s.lease_target().0, 2 * 2001);
+        // 1 s jobs: one running and one ahead per slot.
+        let mut s = two_workers();
+        s.add(serial(1));
+        s.decide(t, None);
+        run_for(&mut s, 1, t, 1.0005);
+        assert_eq!(s.lease_target().0, 2 * 2);
         // Packed jobs count slots by their cost; the total stays bounded.
         let mut s = nodes(1);
         s.add(JobShape {

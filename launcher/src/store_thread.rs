@@ -873,7 +873,10 @@ impl StoreThread {
         let i = class as usize;
         let target = self.demand.target(class);
         let held = self.demand.held(class);
-        if target == 0 || held > target / 2 || Instant::now() < self.next_lease[i] {
+        // Lease when a quarter of the target is missing (at least one job): batches stay large
+        // for short jobs, and a slot of a long-job launcher is refilled as soon as it frees.
+        let missing = target.saturating_sub(held);
+        if missing == 0 || missing < target / 4 || Instant::now() < self.next_lease[i] {
             return;
         }
         filter.max_wall_minutes = max_wall_minutes(self.time_left());
@@ -881,7 +884,7 @@ impl StoreThread {
             self.cfg.session,
             LeaseGroup::Runnable,
             &filter,
-            target - held,
+            missing,
         ) {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
