@@ -94,7 +94,7 @@ impl Health {
                 tr.backoff = (tr.backoff * 2).min(MAX_BACKOFF);
                 tr.retry_at = now + tr.backoff;
                 if tr.why != why {
-                    tracing::warn!("{}: now {why}", what.describe());
+                    tracing::debug!("{}: {why}", what.describe());
                     tr.why = why.to_string();
                 }
             }

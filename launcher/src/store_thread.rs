@@ -880,12 +880,10 @@ impl StoreThread {
             return;
         }
         filter.max_wall_minutes = max_wall_minutes(self.time_left());
-        let jobs = match self.store.lease(
-            self.cfg.session,
-            LeaseGroup::Runnable,
-            &filter,
-            missing,
-        ) {
+        let jobs = match self
+            .store
+            .lease(self.cfg.session, LeaseGroup::Runnable, &filter, missing)
+        {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
             Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
