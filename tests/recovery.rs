@@ -543,6 +543,122 @@ fn a_read_only_database_directory_fails_no_job_and_the_launcher_says_so() {
     assert!(st.values().all(|s| s == "JOB_FINISHED"), "{st:?}");
 }
 
+/// A small file system of its own (a loop-mounted ext4 image), unmounted when the test ends.
+struct SmallDisk {
+    mnt: PathBuf,
+}
+
+impl SmallDisk {
+    fn new(dir: &Path, megabytes: u32) -> SmallDisk {
+        let img = dir.join("disk.img");
+        let mnt = dir.join("disk");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(u64::from(megabytes) << 20).unwrap();
+        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        assert!(
+            ok(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&img)),
+            "mkfs.ext4 failed"
+        );
+        assert!(
+            ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)),
+            "mounting a loop device failed: this test needs root and /dev/loop*"
+        );
+        SmallDisk { mnt }
+    }
+
+    /// Fills the file system until it is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.mnt.join("filler")).unwrap();
+        let block = vec![0u8; 1 << 16];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.mnt.join("filler"));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // The loop device goes with the mount (mount -o loop sets autoclear).
+        let unmounted = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_until_the_time_limit_fails_no_job_and_exits_non_zero_with_what_was_not_written() {
+    if common::on_postgres() {
+        // The database is a server's, not on the disk that fills up.
+        return;
+    }
+    // `db` is declared first so that it is dropped last: the disk is unmounted before the
+    // temporary folder that holds it is removed.
+    let db: Db;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(tmp.path(), 48);
+    let path = disk.mnt.join("db");
+    common::create_db(&path);
+    db = Db { tmp, path };
+    db.run(&["app", "--name", "nap", "--executable", "sleep"])
+        .ok();
+    let lines: String = (0..200)
+        .map(|i| {
+            format!("{{\"name\": \"f{i}\", \"workflow\": \"full\", \"application\": \"nap\", \"args\": \"0.2\"}}\n")
+        })
+        .collect();
+    let file = db.tmp.path().join("jobs.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    db.run(&["job", "--from-file", file.to_str().unwrap(), "--yes"])
+        .ok();
+    let mut bg = Background::start(
+        &db,
+        2,
+        &["--time-limit-minutes", "0.3", "--kill-grace-seconds", "1"],
+        "full",
+    );
+    wait_until("a few jobs to finish", Duration::from_secs(60), || {
+        count_in(&states(&db), "JOB_FINISHED") >= 4
+    });
+    disk.fill();
+    let code = bg.wait(Duration::from_secs(120));
+    let out = bg.output();
+    disk.free();
+    assert_eq!(code, Some(4), "{out}");
+    let said = |what: &str| {
+        out.lines()
+            .filter(|l| l.starts_with("balsam-mpi-launcher:") && l.contains(what))
+            .count()
+    };
+    assert_eq!(said("no job starts until it works again"), 1, "{out}");
+    assert_eq!(said("could not be written to the database"), 1, "{out}");
+    assert!(
+        out.contains(&db.path.join("balsamdb.sqlite3").display().to_string()),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+    let st = states(&db);
+    assert_eq!(count_in(&st, "FAILED"), 0, "{st:?}");
+    // With room again, the next launcher on this host ends the dead session at once and runs
+    // the rest, those whose results were not written included.
+    launcher(&db, 2, &[]).ok();
+    let st = states(&db);
+    assert!(st.values().all(|s| s == "JOB_FINISHED"), "{st:?}");
+}
+
 #[test]
 fn a_removed_database_file_stops_the_launcher_with_a_message_naming_it() {
     if common::on_postgres() {

@@ -576,7 +576,7 @@ impl StoreThread {
                     // Kept, and tried again after the backoff.
                     self.health.failed(
                         Resource::Database,
-                        &format!("{e} ({} results kept)", self.pending.len()),
+                        &format!("{e} ({} jobs' changes kept)", self.pending.len()),
                         Instant::now(),
                     );
                     return;
@@ -1017,7 +1017,7 @@ impl StoreThread {
                     .trouble(Resource::Database)
                     .unwrap_or_else(|| "the database cannot be written".into());
                 problem = Some(format!(
-                    "{unwritten} job results could not be written to the database {} ({why}); those jobs run again once this session ends or expires{}",
+                    "the runs of {unwritten} jobs (starts or results) could not be written to the database {} ({why}); those jobs run again once this session ends or expires{}",
                     self.cfg.db.db_file().display(),
                     problem.map(|p| format!("; {p}")).unwrap_or_default()
                 ));
