@@ -300,7 +300,12 @@ fn start<'w>(
         serial_filter.is_some(),
         mpi_filter.is_some(),
     );
+    // The targets are known before the store thread starts, so its first leases and
+    // handovers already follow them.
     let demand = Arc::new(Demand::default());
+    let (serial_target, mpi_target) = sched.lease_target();
+    demand.set_target(Class::Serial, serial_target);
+    demand.set_target(Class::Mpi, mpi_target);
     let health = Arc::new(Health::new());
     let launcher_ctx = LauncherContext {
         nodes: total_nodes,

@@ -592,7 +592,7 @@ impl StoreThread {
         if !self.release.is_empty() {
             let pks = std::mem::take(&mut self.release);
             match self.store.release(self.cfg.session, &pks) {
-                Ok(_) => {}
+                Ok(_) => self.health.ok(Resource::Database),
                 Err(balsam_store::Error::SessionEnded(_)) => {}
                 Err(e) if health::is_database_trouble(&e) => {
                     self.health
@@ -729,12 +729,20 @@ impl StoreThread {
 
     fn periodic(&mut self) {
         let hb = heartbeat_period(self.cfg.lease_expiry);
-        if self.last_heartbeat.elapsed() >= hb {
+        // While the database cannot be written, the heartbeat is also the probe that finds it
+        // writable again (at the backoff's pace), so jobs start again even with nothing to write.
+        let probe = self.health.trouble(Resource::Database).is_some()
+            && self.health.attempt_due(Resource::Database, Instant::now());
+        if self.last_heartbeat.elapsed() >= hb || probe {
             self.last_heartbeat = Instant::now();
             match self.store.heartbeat(self.cfg.session) {
-                Ok(()) => {}
+                Ok(()) => self.health.ok(Resource::Database),
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
                 Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
+                Err(e) if health::is_database_trouble(&e) => {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now())
+                }
                 Err(e) => tracing::warn!("heartbeat failed: {e}"),
             }
         }
@@ -884,7 +892,10 @@ impl StoreThread {
             .store
             .lease(self.cfg.session, LeaseGroup::Runnable, &filter, missing)
         {
-            Ok(j) => j,
+            Ok(j) => {
+                self.health.ok(Resource::Database);
+                j
+            }
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
             Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
             Err(e) => {
