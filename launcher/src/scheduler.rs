@@ -49,8 +49,10 @@ pub const RECLAIM_AFTER: Duration = Duration::from_millis(500);
 /// Expected work per slot held beyond the running jobs, so leasing stays a small cost per job
 /// and a slot never waits for a lease between two jobs shorter than this.
 pub const LEASE_AHEAD: Duration = Duration::from_secs(2);
-/// Most serial jobs a launcher holds, running or not.
-pub const MAX_SERIAL_IN_HAND: usize = 4096;
+/// Most serial jobs a launcher holds, running or not, unless it has more than half as many slots
+/// (then twice its slots): enough that leases come in batches of hundreds, few enough that rank
+/// 0's memory stays small.
+pub const MAX_SERIAL_IN_HAND: usize = 2048;
 /// Most backlog jobs per slot, and per worker.
 const MAX_BACKLOG_PER_SLOT: usize = 64;
 const MAX_BACKLOG_PER_WORKER: usize = 256;
@@ -498,7 +500,7 @@ impl Scheduler {
                 Some(e) => (LEASE_AHEAD.as_secs_f64() / e).floor().min(1e6) as usize,
                 None => 0,
             };
-            (slots * (1 + ahead)).min(MAX_SERIAL_IN_HAND)
+            (slots * (1 + ahead)).min(MAX_SERIAL_IN_HAND.max(slots * 2))
         } else {
             0
         };
@@ -1058,12 +1060,17 @@ mod tests {
         run_for(&mut s, 1, t, 15.0);
         run_for(&mut s, 2, t, 15.0);
         assert_eq!(s.lease_target().0, 2);
-        // Short jobs: two seconds of work per slot ahead.
+        // Short jobs: two seconds of work per slot ahead, up to the bound.
+        let mut s = two_workers();
+        s.add(serial(1));
+        s.decide(t, None);
+        run_for(&mut s, 1, t, 0.01);
+        assert_eq!(s.lease_target().0, 2 * 201);
         let mut s = two_workers();
         s.add(serial(1));
         s.decide(t, None);
         run_for(&mut s, 1, t, 0.001);
-        assert_eq!(s.lease_target().0, 2 * 2001);
+        assert_eq!(s.lease_target().0, MAX_SERIAL_IN_HAND);
         // 1 s jobs: one running and one ahead per slot.
         let mut s = two_workers();
         s.add(serial(1));
