@@ -208,23 +208,30 @@ fn a_short_job_never_waits_behind_a_long_one_while_a_worker_idles() {
     let db = Db::new();
     record_app(&db);
     let log = db.tmp.path().join("record.log");
-    for (name, secs) in [("long", 25), ("short1", 1), ("short2", 1)] {
+    let shorts = ["short1", "short2", "short3", "short4"];
+    db.add_job(
+        "long",
+        "order",
+        "record",
+        &["--args", &format!("{} 25 long", log.display())],
+    );
+    for name in shorts {
         db.add_job(
             name,
             "order",
             "record",
-            &["--args", &format!("{} {secs} {name}", log.display())],
+            &["--args", &format!("{} 1 {name}", log.display())],
         );
     }
     let t = Instant::now();
     let mut bg = Background::start(&db, 2, &[], "order");
-    // With 2 workers: the long job on one, both short ones one after the other on the other.
+    // With 2 workers: the long job on one, the short ones one after the other on the other.
     wait_until(
-        "both short jobs to finish while the long one runs",
+        "the short jobs to finish while the long one runs",
         Duration::from_secs(20),
         || {
             let st = states(&db);
-            st["short1"] == "JOB_FINISHED" && st["short2"] == "JOB_FINISHED"
+            shorts.iter().all(|n| st[*n] == "JOB_FINISHED")
         },
     );
     assert!(
@@ -500,9 +507,10 @@ fn a_read_only_database_directory_fails_no_job_and_the_launcher_says_so() {
     let db = Db::new();
     db.run(&["app", "--name", "nap", "--executable", "sleep"])
         .ok();
+    // wall_time_minutes 0: they fit the launcher's short time limit.
     let lines: String = (0..40)
         .map(|i| {
-            format!("{{\"name\": \"n{i}\", \"workflow\": \"ro\", \"application\": \"nap\", \"args\": \"0.3\"}}\n")
+            format!("{{\"name\": \"n{i}\", \"workflow\": \"ro\", \"application\": \"nap\", \"args\": \"0.3\", \"wall_time_minutes\": 0}}\n")
         })
         .collect();
     let file = db.tmp.path().join("jobs.jsonl");
@@ -615,9 +623,10 @@ fn a_full_disk_until_the_time_limit_fails_no_job_and_exits_non_zero_with_what_wa
     db = Db { tmp, path };
     db.run(&["app", "--name", "nap", "--executable", "sleep"])
         .ok();
+    // wall_time_minutes 0: they fit the launcher's short time limit.
     let lines: String = (0..200)
         .map(|i| {
-            format!("{{\"name\": \"f{i}\", \"workflow\": \"full\", \"application\": \"nap\", \"args\": \"0.2\"}}\n")
+            format!("{{\"name\": \"f{i}\", \"workflow\": \"full\", \"application\": \"nap\", \"args\": \"0.2\", \"wall_time_minutes\": 0}}\n")
         })
         .collect();
     let file = db.tmp.path().join("jobs.jsonl");
