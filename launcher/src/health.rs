@@ -54,6 +54,9 @@ struct Trouble {
 pub struct Health {
     any: AtomicBool,
     troubles: Mutex<[Option<Trouble>; 2]>,
+    /// Whether a failure, and a recovery, of each resource was told on stderr already: a
+    /// resource that comes and goes is told once, then only logged.
+    told: Mutex<[(bool, bool); 2]>,
 }
 
 impl Health {
@@ -73,14 +76,16 @@ impl Health {
         let slot = &mut t[what.index()];
         match slot {
             None => {
-                tracing::error!(
+                let msg = format!(
                     "{}: {why}; no job starts until it works again (retrying with backoff)",
                     what.describe()
                 );
-                eprintln!(
-                    "balsam-mpi-launcher: {}: {why}; no job starts until it works again (retrying with backoff)",
-                    what.describe()
-                );
+                tracing::error!("{msg}");
+                let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+                if !told[what.index()].0 {
+                    told[what.index()].0 = true;
+                    eprintln!("balsam-mpi-launcher: {msg}");
+                }
                 *slot = Some(Trouble {
                     why: why.to_string(),
                     since: now,
@@ -119,7 +124,11 @@ impl Health {
                 tr.failures
             );
             tracing::warn!("{msg}");
-            eprintln!("balsam-mpi-launcher: {msg}");
+            let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+            if !told[what.index()].1 {
+                told[what.index()].1 = true;
+                eprintln!("balsam-mpi-launcher: {msg}");
+            }
         }
         if t.iter().all(Option::is_none) {
             self.any.store(false, Ordering::Release);

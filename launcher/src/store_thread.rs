@@ -592,7 +592,7 @@ impl StoreThread {
         if !self.release.is_empty() {
             let pks = std::mem::take(&mut self.release);
             match self.store.release(self.cfg.session, &pks) {
-                Ok(_) => self.health.ok(Resource::Database),
+                Ok(_) => self.database_ok_if_nothing_kept(),
                 Err(balsam_store::Error::SessionEnded(_)) => {}
                 Err(e) if health::is_database_trouble(&e) => {
                     self.health
@@ -736,7 +736,7 @@ impl StoreThread {
         if self.last_heartbeat.elapsed() >= hb || probe {
             self.last_heartbeat = Instant::now();
             match self.store.heartbeat(self.cfg.session) {
-                Ok(()) => self.health.ok(Resource::Database),
+                Ok(()) => self.database_ok_if_nothing_kept(),
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
                 Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
                 Err(e) if health::is_database_trouble(&e) => {
@@ -893,7 +893,7 @@ impl StoreThread {
             .lease(self.cfg.session, LeaseGroup::Runnable, &filter, missing)
         {
             Ok(j) => {
-                self.health.ok(Resource::Database);
+                self.database_ok_if_nothing_kept();
                 j
             }
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
@@ -974,6 +974,14 @@ impl StoreThread {
             self.pending.clear();
             self.release.clear();
             let _ = self.tx.send(FromStore::SessionLost);
+        }
+    }
+
+    /// A small write worked: the database takes writes again, unless results are still kept
+    /// (a small write can fit where a batch does not; only writing them proves it).
+    fn database_ok_if_nothing_kept(&self) {
+        if self.pending.is_empty() {
+            self.health.ok(Resource::Database);
         }
     }
 
