@@ -130,6 +130,14 @@ impl Site {
         }
     }
 
+    /// The job template's name for messages: JOB_TEMPLATE's path, else the built-in one's name.
+    pub fn template_name(&self) -> String {
+        match Settings::resolve(&self.db.root, &self.settings.job_template) {
+            Some(path) => path.display().to_string(),
+            None => format!("{} (built in)", cobalt::default_template_name(self.kind)),
+        }
+    }
+
     /// Renders the job template (JOB_TEMPLATE, else the scheduler's built-in one).
     pub fn render(&self, vars: &TemplateVars) -> Result<String> {
         match Settings::resolve(&self.db.root, &self.settings.job_template) {
@@ -253,14 +261,24 @@ pub fn submit_launch(store: &mut Store, site: &Site, req: &LaunchRequest) -> Res
         nodes: req.nodes as usize,
         time_minutes: u64::from(req.wall_minutes),
         job_mode: req.job_mode.clone(),
-        wf_filter: req.wf_filter.clone(),
+        wf_filter: cobalt::wf_filter_option(&req.wf_filter),
         balsam_bin: balsam_bin_dir().display().to_string(),
         balsam_db_path: site.db.root.display().to_string(),
         sched_flags: req.sched_flags.clone(),
         launcher_bin: launcher_bin(),
     };
-    // Rendered before anything is recorded: a template error leaves no trace.
+    // Rendered and checked before anything is recorded: a template error leaves no trace, and
+    // a script that starts no launcher would hold an allocation and run nothing.
     let script_text = site.render(&vars)?;
+    if let Err(why) = crate::launcher_line::check_script(&script_text) {
+        return Err(Error::Refused(format!(
+            "the job template {} does not start a launcher: {why}. A template starts one with \
+             `balsam launcher --{{{{ wf_filter }}}} --job-mode={{{{ job_mode }}}} ...` or \
+             `{{{{ launcher_bin }}}} ...` (see the shipped templates in {}); nothing was submitted",
+            site.template_name(),
+            site.db.root.join("job-templates").display()
+        )));
+    }
     let mut launch = store.create_launch(&QueuedLaunch {
         id: 0,
         scheduler_id: String::new(),

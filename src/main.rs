@@ -81,7 +81,12 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(&a),
         Command::Which(a) => cmd::which::run(cli.db.as_deref(), &a),
         Command::Service(a) => cmd::service::run(cli.db.as_deref(), &a),
-        other => match cmd::Ctx::open(cli.db.as_deref()) {
+        // Commands that only read never take the write lock.
+        other => match if matches!(other, Command::Ls(_) | Command::Log(_)) {
+            cmd::Ctx::open_read_only(cli.db.as_deref())
+        } else {
+            cmd::Ctx::open(cli.db.as_deref())
+        } {
             Err(e) => Err(e),
             Ok(mut ctx) => match other {
                 Command::App(a) => cmd::app::run(&mut ctx, &a),
@@ -118,8 +123,25 @@ fn main() -> ExitCode {
             ExitCode::from(141)
         }
         Err(e) => {
-            eprintln!("balsam: error: {e:#}");
+            eprintln!("balsam: error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: a message that already includes its cause's text
+/// (`f.jsonl:1: bad value ...` wrapping `bad value ...`) is not followed by it again.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }

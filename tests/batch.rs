@@ -623,9 +623,12 @@ fn user_job_template_renders_and_runs() {
          # stop at {{ time_minutes-2 }} minutes\n\
          echo \"rendered project={{ project }} nodes={{ nodes }} queue={{ queue }} \
          stop={{ time_minutes-2 }} mode={{ job_mode }}\"\n\
-         echo \"cobalt size=$COBALT_PARTSIZE queue=$COBALT_QUEUE project=$COBALT_PROJECT\"\n",
+         echo \"cobalt size=$COBALT_PARTSIZE queue=$COBALT_QUEUE project=$COBALT_PROJECT\"\n\
+         {{ balsam_bin }}/balsam launcher --{{ wf_filter }} --job-mode={{ job_mode }} \
+         --time-limit-minutes={{ time_minutes-2 }}\n",
     )
     .unwrap();
+    let bin = common::balsam_bin();
     // A relative JOB_TEMPLATE is taken from the database directory.
     site.set_settings(&[("JOB_TEMPLATE", json!("templates/user.tmpl"))]);
     let out = site.run(&[
@@ -653,6 +656,11 @@ fn user_job_template_renders_and_runs() {
          # stop at 8 minutes\n\
          echo \"rendered project=myproj nodes=3 queue=debug-flat-quad stop=8 mode=mpi\"\n\
          echo \"cobalt size=$COBALT_PARTSIZE queue=$COBALT_QUEUE project=$COBALT_PROJECT\"\n"
+            .to_string()
+            + &format!(
+                "{} launcher --consume-all --job-mode=mpi --time-limit-minutes=8\n",
+                bin.display()
+            )
     );
     // Cobalt ran it with what was asked.
     site.wait_launch_finished(id);
@@ -1055,4 +1063,194 @@ fn cobalt_service_follows_the_queue_policy() {
     site.wait_jobs_finished();
     site.wait_launch_finished(id);
     assert!(site.fixture_jobs().is_empty());
+}
+
+/// The job template on the talk's slide ("The Launcher job template"), as users copied it.
+const TALK_TEMPLATE: &str = "#!/bin/bash -x\n\
+#COBALT -A {{ project }}\n\
+#COBALT -n {{ nodes }}\n\
+#COBALT -q {{ queue }}\n\
+#COBALT -t {{ time_minutes }}\n\
+#COBALT --attrs ssds=required:ssd_size=128\n\
+\n\
+source balsamactivate {{ balsam_db_path }}\n\
+sleep 2\n\
+\n\
+balsam launcher --{{ wf_filter }} --job-mode={{ job_mode }} --time-limit-minutes={{ time_minutes-2 }}\n\
+source balsamdeactivate\n";
+
+/// A Cobalt site whose jobs find `balsam` and the shell helpers on PATH, as the talk's users had.
+fn talk_site() -> Site {
+    let mut site = Site::new(Kind::Cobalt);
+    let bin = common::balsam_bin();
+    let scripts = repo_root().join("src/scripts");
+    for (k, v) in site.env.iter_mut() {
+        if k == "PATH" {
+            *v = format!(
+                "{}:{}:{v}",
+                bin.parent().unwrap().display(),
+                scripts.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(site.db.path.join("job-templates")).unwrap();
+    site
+}
+
+#[test]
+fn the_talks_job_template_runs_the_jobs_on_the_allocations_nodes() {
+    let site = talk_site();
+    std::fs::write(
+        site.db
+            .path
+            .join("job-templates/theta.cobaltscheduler.tmpl"),
+        TALK_TEMPLATE,
+    )
+    .unwrap();
+    site.set_settings(&[(
+        "JOB_TEMPLATE",
+        json!("job-templates/theta.cobaltscheduler.tmpl"),
+    )]);
+    site.hello_jobs(4);
+    site.db
+        .add_job("other", "other-wf", "say-hello", &["--args", "other"]);
+
+    // wf_filter renders as legacy did: consume-all, or wf-filter=NAME.
+    let out = site.run(&[
+        "submit-launch",
+        "-n",
+        "2",
+        "-t",
+        "5",
+        "-q",
+        "debug-cache-quad",
+        "-A",
+        "SDL_Workshop",
+        "--job-mode=serial",
+        "--wf-filter",
+        "test",
+    ]);
+    let text = out.ok().to_string();
+    assert!(text.starts_with("Submit OK: Qlaunch {"), "{text}");
+    let id: i64 = qlaunch_field(&text, "id").parse().unwrap();
+    let script = read(&site.db.path.join(format!("qsubmit/qlaunch{id}.sh")));
+    assert!(
+        script.contains(
+            "\nbalsam launcher --wf-filter=test --job-mode=serial --time-limit-minutes=3\n"
+        ),
+        "{script}"
+    );
+
+    // `balsam launcher` in the batch job starts one launcher rank on each of the allocation's
+    // two nodes with aprun, and none on the MOM node; the jobs of the workflow run.
+    let ok = wait_for(LAUNCH_TIMEOUT, POLL, || {
+        (1..=4).all(|i| site.db.state_of(&format!("test{i}")) == "JOB_FINISHED")
+    });
+    assert!(
+        ok,
+        "the talk's template ran nothing:\n{}",
+        site.diagnostics()
+    );
+    site.wait_launch_finished(id);
+    assert_eq!(site.db.state_of("other"), "CREATED", "outside the filter");
+    let err = read(&site.db.path.join(format!("qsubmit/qlaunch{id}.error")));
+    assert!(
+        err.contains("balsam launcher: in cobalt batch job ")
+            && err.contains("(2 node(s)): one launcher rank per node: ")
+            && err.contains("aprun -n 2 -N 1 -cc none "),
+        "{err}"
+    );
+    let logs: Vec<String> = std::fs::read_dir(site.db.path.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("launcher-") && !n.contains(".rank"))
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let log = read(&site.db.path.join("log").join(&logs[0]));
+    assert!(log.contains(": 2 ranks, job mode serial"), "{log}");
+}
+
+#[test]
+fn a_template_that_starts_no_launcher_is_refused_before_submitting() {
+    let site = talk_site();
+    site.hello_jobs(1);
+    let refused = |template: &str, want: &str| {
+        std::fs::write(site.db.path.join("job-templates/mine.tmpl"), template).unwrap();
+        site.set_settings(&[("JOB_TEMPLATE", json!("job-templates/mine.tmpl"))]);
+        let out = site.run(&[
+            "submit-launch",
+            "-n",
+            "2",
+            "-t",
+            "5",
+            "-q",
+            "debug-cache-quad",
+            "-A",
+            "SDL_Workshop",
+        ]);
+        let err = out.err();
+        let path = site.db.path.join("job-templates/mine.tmpl");
+        assert!(
+            err.starts_with(&format!(
+                "balsam: error: the launcher job was not submitted (cobalt); nothing was \
+                 recorded: the job template {} does not start a launcher: {want}",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        assert!(site.launches().is_empty(), "a launch was recorded");
+        assert!(site.scripts().is_empty(), "{:?}", site.scripts());
+        assert_eq!(site.fixture_submissions(), 0, "the fixture got a job");
+    };
+    // The talk's line with a misspelt option.
+    refused(
+        &TALK_TEMPLATE.replace("--time-limit-minutes=", "--time-limit="),
+        "line 11 `balsam launcher --consume-all --job-mode=mixed --time-limit=3`: unexpected \
+         argument '--time-limit' found",
+    );
+    // The launcher's job mode misspelt.
+    refused(
+        "#!/bin/bash\n{{ launcher_bin }} --job-mode=sreial --{{ wf_filter }}\n",
+        "line 2 `",
+    );
+    // No launcher at all.
+    refused(
+        "#!/bin/bash\necho hello\n",
+        "it starts no launcher: no line runs `balsam launcher` or balsam-mpi-launcher, so the \
+         batch job would run no jobs",
+    );
+}
+
+#[test]
+fn a_job_too_large_for_every_window_does_not_stop_the_service() {
+    let site = Site::new(Kind::Local);
+    site.hello_jobs(2);
+    // The local policy's window allows 2 nodes: this job fits none.
+    site.db
+        .add_job("huge", "test", "say-hello", &["--num-nodes", "600"]);
+    site.run(&["service", "--once"]).ok();
+    let launches = site.launches();
+    assert_eq!(
+        launches.len(),
+        1,
+        "{launches:?}\n{}",
+        read(&site.db.path.join("log/service.log"))
+    );
+    let reason = launches[0]["reason"].as_str().unwrap().to_string();
+    let skip = "skipping 1 job that no policy window can take (1 job of 600 nodes x 1 min; the \
+                policy's windows allow at most 2 nodes and 60 min, 2 min of which the launcher \
+                keeps free): change that job or the queue policy";
+    assert!(reason.contains(skip), "{reason}");
+    assert!(
+        reason.contains("; submitting 1 nodes x "),
+        "sized for the two others: {reason}"
+    );
+    let table = site.run(&["ls", "queues"]).ok().to_string();
+    assert!(table.contains(skip), "{table}");
+    assert!(
+        table.contains("Last service decision (") && table.contains(skip),
+        "{table}"
+    );
+    site.stop_batch_jobs();
 }

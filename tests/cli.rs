@@ -166,7 +166,7 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "deep",
                 "--yes",
             ],
-            "cpu_affinity",
+            "invalid value 'deep' for '--cpu-affinity <AFFINITY>': expected none or depth",
         ),
         (
             &[

@@ -13,7 +13,9 @@ use std::str::FromStr;
 
 use minijinja::{context, Environment, UndefinedBehavior};
 
+use crate::allocation::Allocation;
 use crate::error::{Error, Result};
+use crate::scheduler::SchedulerKind;
 
 /// How ranks are pinned to cores (`aprun -cc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -161,6 +163,90 @@ pub fn build_mpi_command(
         MpiLauncherKind::Srun => Ok(srun(config, spec)),
         MpiLauncherKind::Template(t) => template(t, spec),
     }
+}
+
+/// The command that starts the launcher itself (`launcher_argv`: `balsam-mpi-launcher` and its
+/// options) inside the batch job `alloc`, as the shipped job templates do, so that
+/// `balsam launcher` in a user's template runs where the templates' launcher would:
+///
+/// - `alone` (job mode mpi): the launcher runs here, on the head (MOM) node, and starts every job
+///   with the MPI launch command;
+/// - a local job: `mpiexec -n NODES+1`, a master and one worker per requested node on this host;
+/// - otherwise one rank on each node of the allocation and none on the head node: `aprun -n N
+///   -N 1 -cc none`, `mpiexec -n N -ppn 1 -hosts ...`, `srun -n N --ntasks-per-node=1 --overlap
+///   ...`, or the site's template with one rank per node.
+///
+/// `cpus_on_node` is Slurm's `SLURM_CPUS_ON_NODE`: the launcher's rank gets every CPU of its node,
+/// unbound, so the jobs it starts can use them.
+pub fn launcher_ranks_command(
+    alloc: &Allocation,
+    kind: &MpiLauncherKind,
+    config: &LaunchConfig,
+    alone: bool,
+    cpus_on_node: Option<usize>,
+    launcher_argv: &[String],
+) -> Result<Vec<String>> {
+    if launcher_argv.is_empty() {
+        return Err(Error::BadRequest("no launcher program to start".into()));
+    }
+    if alone {
+        return Ok(launcher_argv.to_vec());
+    }
+    let n = alloc.node_count.max(1);
+    let mut a: Vec<String> = match (alloc.scheduler, kind) {
+        (SchedulerKind::Local, _) => {
+            vec![exe(&config.mpiexec_exe), "-n".into(), (n + 1).to_string()]
+        }
+        (_, MpiLauncherKind::Aprun) => vec![
+            exe(&config.aprun_exe),
+            "-n".into(),
+            n.to_string(),
+            "-N".into(),
+            "1".into(),
+            "-cc".into(),
+            "none".into(),
+        ],
+        (_, MpiLauncherKind::Mpich) => {
+            let mut a = vec![
+                exe(&config.mpiexec_exe),
+                "-n".into(),
+                n.to_string(),
+                "-ppn".into(),
+                "1".into(),
+            ];
+            if !alloc.nodes.is_empty() {
+                a.extend(["-hosts".into(), alloc.nodes.join(",")]);
+            }
+            a
+        }
+        (_, MpiLauncherKind::Srun) => vec![
+            exe(&config.srun_exe),
+            "-n".into(),
+            n.to_string(),
+            "--ntasks-per-node=1".into(),
+            // The launcher's MPI jobs are job steps of their own: without --overlap they would
+            // wait, forever, for this step to give back the CPUs it holds.
+            "--overlap".into(),
+            format!("--cpus-per-task={}", cpus_on_node.unwrap_or(1).max(1)),
+            "--cpu-bind=none".into(),
+        ],
+        (_, MpiLauncherKind::Template(t)) => {
+            let spec = MpiLaunchSpec {
+                num_ranks: n,
+                ranks_per_node: 1,
+                threads_per_rank: 1,
+                threads_per_core: 1,
+                cpu_affinity: CpuAffinity::None,
+                nodes: alloc.nodes.clone(),
+                env: Vec::new(),
+                mpi_flags: Vec::new(),
+                argv: launcher_argv.to_vec(),
+            };
+            return template(t, &spec);
+        }
+    };
+    a.extend(launcher_argv.iter().cloned());
+    Ok(a)
 }
 
 fn validate(spec: &MpiLaunchSpec) -> Result<()> {
@@ -341,6 +427,59 @@ fn template(text: &str, spec: &MpiLaunchSpec) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn alloc(scheduler: SchedulerKind, nodes: &[&str]) -> Allocation {
+        Allocation {
+            scheduler,
+            job_id: "1".into(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            node_count: nodes.len(),
+            end_time: None,
+        }
+    }
+
+    #[test]
+    fn launcher_ranks_one_per_node_as_the_templates() {
+        let argv = vec!["/b/balsam-mpi-launcher".to_string(), "--consume-all".into()];
+        let c = LaunchConfig::default();
+        let run = |a: &Allocation, k: MpiLauncherKind, alone: bool| {
+            launcher_ranks_command(a, &k, &c, alone, Some(64), &argv)
+                .unwrap()
+                .join(" ")
+        };
+        let theta = alloc(SchedulerKind::Cobalt, &["1001", "1002"]);
+        assert_eq!(
+            run(&theta, MpiLauncherKind::Aprun, false),
+            "aprun -n 2 -N 1 -cc none /b/balsam-mpi-launcher --consume-all"
+        );
+        // In mpi mode the launcher runs alone where the script runs.
+        assert_eq!(
+            run(&theta, MpiLauncherKind::Aprun, true),
+            "/b/balsam-mpi-launcher --consume-all"
+        );
+        let pbs = alloc(SchedulerKind::Pbs, &["x1", "x2", "x3"]);
+        assert_eq!(
+            run(&pbs, MpiLauncherKind::Mpich, false),
+            "mpiexec -n 3 -ppn 1 -hosts x1,x2,x3 /b/balsam-mpi-launcher --consume-all"
+        );
+        let slurm = alloc(SchedulerKind::Slurm, &["n1", "n2"]);
+        assert_eq!(
+            run(&slurm, MpiLauncherKind::Srun, false),
+            "srun -n 2 --ntasks-per-node=1 --overlap --cpus-per-task=64 --cpu-bind=none \
+             /b/balsam-mpi-launcher --consume-all"
+        );
+        let mut local = alloc(SchedulerKind::Local, &["localhost"]);
+        local.node_count = 2;
+        assert_eq!(
+            run(&local, MpiLauncherKind::Mpich, false),
+            "mpiexec -n 3 /b/balsam-mpi-launcher --consume-all"
+        );
+        let site = MpiLauncherKind::Template("mpirun -np {{ num_ranks }} {{ command }}".into());
+        assert_eq!(
+            run(&pbs, site, false),
+            "mpirun -np 3 /b/balsam-mpi-launcher --consume-all"
+        );
+    }
 
     fn spec() -> MpiLaunchSpec {
         MpiLaunchSpec {

@@ -36,7 +36,8 @@ pub use allocation::{launcher_time_limit_minutes, time_remaining_minutes, Alloca
 pub use cobalt::CobaltScheduler;
 pub use error::{Error, Result};
 pub use launch::{
-    aprun_nid, build_mpi_command, CpuAffinity, LaunchConfig, MpiLaunchSpec, MpiLauncherKind,
+    aprun_nid, build_mpi_command, launcher_ranks_command, CpuAffinity, LaunchConfig, MpiLaunchSpec,
+    MpiLauncherKind,
 };
 pub use local::LocalScheduler;
 pub use packing::{decide, ActiveLaunch, Decision, PackingInput, RunnableWork};
@@ -50,5 +51,5 @@ pub use scheduler::{
 pub use slurm::SlurmScheduler;
 pub use template::{
     default_template, default_template_name, render_job_template, render_job_template_file,
-    TemplateVars,
+    wf_filter_option, TemplateVars,
 };

@@ -482,7 +482,7 @@ mod tests {
             nodes: 2,
             time_minutes: 5,
             job_mode: "serial".into(),
-            wf_filter: String::new(),
+            wf_filter: crate::wf_filter_option(""),
             balsam_bin: "/usr/bin".into(),
             balsam_db_path: "/tmp/db".into(),
             sched_flags: String::new(),

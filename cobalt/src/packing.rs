@@ -9,7 +9,10 @@
 //! count whose launch finishes the remaining work within the window's longest wall time is chosen,
 //! never fewer nodes than the largest job and never less time than the longest job plus the
 //! margin. The launch that finishes everything with the fewest node-minutes wins; if none can,
-//! the largest one is submitted and the rest is planned again, while queues have room.
+//! the one that runs the most is submitted and the rest is planned again, while queues have room.
+//! A window plans only for the jobs it can take, so jobs that need different windows each get a
+//! launch; jobs that no window of the policy can take at all (too many nodes, too long) are set
+//! aside, named in the reason, and never hold back a launch for the others.
 //!
 //! How long N nodes take is estimated from above, as the smaller of two bounds: running each kind
 //! of job in rounds (a round of identical jobs fills every node slot; rounds run one after the
@@ -142,6 +145,7 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
             packing: w.packing(),
             job_cost: w.job_node_minutes(),
             left: w.node_minutes(),
+            count: w.count,
         })
         .collect();
     let job_count: usize = input.work.iter().map(|w| w.count).sum();
@@ -154,7 +158,41 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
     let largest = groups.iter().map(|g| g.nodes).max().unwrap_or(1);
     let longest = groups.iter().map(|g| g.wall).max().unwrap_or(1);
     let margin = input.margin_minutes;
-    let mut groups = groups;
+
+    // Jobs that no window of any queue can take would block every launch for the others: they
+    // are set aside, and the decision says so.
+    let windows: Vec<&Window> = input
+        .policy
+        .queues
+        .iter()
+        .flat_map(|q| q.windows.iter())
+        .collect();
+    let (mut groups, skipped): (Vec<Group>, Vec<Group>) = groups
+        .into_iter()
+        .partition(|g| windows.iter().any(|w| fits(g, w, margin)));
+    let summary = format!(
+        "{} {} {} node-minutes",
+        plural(job_count, "runnable job", "runnable jobs"),
+        if job_count == 1 { "needs" } else { "need" },
+        fmt_nm(need)
+    );
+    let summary = if skipped.is_empty() {
+        summary
+    } else {
+        format!(
+            "{summary}{}; {}",
+            shape(largest, longest),
+            describe_skipped(&skipped, &windows, margin)
+        )
+    };
+    // The shape is said once: with the skipped jobs, or before the plan.
+    let shape_once = |largest: usize, longest: u64| {
+        if skipped.is_empty() {
+            shape(largest, longest)
+        } else {
+            String::new()
+        }
+    };
 
     // What the launches already in queues cover. Big jobs first: they fit fewer launches.
     groups.sort_by(|a, b| b.nodes.cmp(&a.nodes).then(b.wall.cmp(&a.wall)));
@@ -182,12 +220,6 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
     }
     groups.retain(|g| g.left > 1e-9);
 
-    let summary = format!(
-        "{} {} {} node-minutes",
-        plural(job_count, "runnable job", "runnable jobs"),
-        if job_count == 1 { "needs" } else { "need" },
-        fmt_nm(need)
-    );
     let coverage = describe_coverage(input, capacity_total);
 
     if groups.is_empty() {
@@ -195,6 +227,8 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
             reason: format!("{summary}; {coverage}: nothing to submit"),
         }];
     }
+    let largest = groups.iter().map(|g| g.nodes).max().unwrap_or(1);
+    let longest = groups.iter().map(|g| g.wall).max().unwrap_or(1);
 
     // Room in each queue.
     let mut in_queue: BTreeMap<&str, usize> = BTreeMap::new();
@@ -249,10 +283,15 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
         let q = &input.policy.queues[qi];
         slots[qi] -= 1;
         let w = p.window;
+        let continued = if decisions.is_empty() {
+            ""
+        } else {
+            " (continued)"
+        };
         let reason = if p.finishes || p.capacity + 1e-9 >= remaining {
             format!(
-                "{summary}{}; {coverage}; submitting {} nodes x {} min to {} (window {}-{} nodes, {}-{} min) to run the remaining {} node-minutes{}",
-                shape(largest, longest),
+                "{summary}{}; {coverage}; submitting {} nodes x {} min to {} (window {}-{} nodes, {}-{} min) to run the remaining {} node-minutes{continued}",
+                shape_once(largest, longest),
                 p.nodes,
                 p.minutes,
                 q.name,
@@ -261,12 +300,25 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
                 w.min_minutes,
                 w.max_minutes,
                 fmt_nm(remaining),
-                if decisions.is_empty() { String::new() } else { " (continued)".into() },
+            )
+        } else if p.finishes_part {
+            format!(
+                "{summary}{}; {coverage}; submitting {} nodes x {} min to {} (window {}-{} nodes, {}-{} min) to run the {} node-minutes of the jobs that window can take, of the remaining {}{continued}",
+                shape_once(largest, longest),
+                p.nodes,
+                p.minutes,
+                q.name,
+                w.min_nodes,
+                w.max_nodes,
+                w.min_minutes,
+                w.max_minutes,
+                fmt_nm(p.covered()),
+                fmt_nm(remaining),
             )
         } else {
             format!(
                 "{summary}{}; {coverage}; submitting the largest launch {} allows, {} nodes x {} min (window {}-{} nodes, {}-{} min): it covers about {} of the remaining {} node-minutes",
-                shape(largest, longest),
+                shape_once(largest, longest),
                 q.name,
                 p.nodes,
                 p.minutes,
@@ -274,7 +326,7 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
                 w.max_nodes,
                 w.min_minutes,
                 w.max_minutes,
-                fmt_nm(p.capacity.min(remaining)),
+                fmt_nm(p.covered()),
                 fmt_nm(remaining),
             )
         };
@@ -286,10 +338,12 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
         });
         if p.finishes {
             groups.clear();
+        } else if p.finishes_part {
+            groups.retain(|g| !fits(g, &w, margin));
         } else {
             let mut cap = p.capacity;
             for g in groups.iter_mut() {
-                if g.nodes <= p.nodes && g.wall + margin <= p.minutes {
+                if fits(g, &w, margin) && g.nodes <= p.nodes && g.wall + margin <= p.minutes {
                     let take = g.left.min(cap);
                     g.left -= take;
                     cap -= take;
@@ -308,11 +362,48 @@ pub fn decide(input: &PackingInput<'_>) -> Vec<Decision> {
         return vec![Decision::Nothing {
             reason: format!(
                 "{summary}{}; {coverage}; no queue can take a launch now: {why}",
-                shape(largest, longest)
+                shape_once(largest, longest)
             ),
         }];
     }
     decisions
+}
+
+/// Whether a launch in window `w` can run jobs of group `g` at all.
+fn fits(g: &Group, w: &Window, margin: u64) -> bool {
+    g.nodes <= w.max_nodes && (g.wall + margin).max(w.min_minutes).max(margin + 1) <= w.max_minutes
+}
+
+/// `skipping 1 job that no policy window can take (600 nodes x 10 min; ...)`.
+fn describe_skipped(skipped: &[Group], windows: &[&Window], margin: u64) -> String {
+    let count: usize = skipped.iter().map(|g| g.count).sum();
+    let shapes: Vec<String> = skipped
+        .iter()
+        .map(|g| {
+            format!(
+                "{} of {} x {} min",
+                plural(g.count, "job", "jobs"),
+                plural(g.nodes, "node", "nodes"),
+                g.wall
+            )
+        })
+        .collect();
+    let limits = match (
+        windows.iter().map(|w| w.max_nodes).max(),
+        windows.iter().map(|w| w.max_minutes).max(),
+    ) {
+        (Some(n), Some(m)) => format!(
+            "the policy's windows allow at most {} and {m} min, {margin} min of which the launcher keeps free",
+            plural(n, "node", "nodes")
+        ),
+        _ => "the policy lists no windows".to_string(),
+    };
+    format!(
+        "skipping {} that no policy window can take ({}; {limits}): change {} or the queue policy",
+        plural(count, "job", "jobs"),
+        shapes.join(", "),
+        if count == 1 { "that job" } else { "those jobs" }
+    )
 }
 
 /// A shape of runnable work with the node-minutes not yet covered.
@@ -323,6 +414,8 @@ struct Group {
     packing: usize,
     job_cost: f64,
     left: f64,
+    /// Jobs of this shape (for messages).
+    count: usize,
 }
 
 /// A candidate launch in one window.
@@ -333,11 +426,21 @@ struct Plan {
     minutes: u64,
     /// Node-minutes of work it can run (nodes × (minutes − margin)).
     capacity: f64,
+    /// Node-minutes of the remaining work the window can take at all.
+    takes: f64,
     /// Whether it runs all the remaining work.
     finishes: bool,
+    /// Whether it runs all the work this window can take (not all there is: other jobs need
+    /// another window).
+    finishes_part: bool,
 }
 
 impl Plan {
+    /// Node-minutes of the remaining work it runs.
+    fn covered(&self) -> f64 {
+        self.capacity.min(self.takes)
+    }
+
     fn better_than(&self, other: &Plan) -> bool {
         match (self.finishes, other.finishes) {
             (true, false) => true,
@@ -350,14 +453,19 @@ impl Plan {
                 );
                 a < b || (a == b && self.nodes < other.nodes)
             }
-            // Neither: the one that covers the most.
-            (false, false) => self.capacity > other.capacity + 1e-9,
+            // Neither: the one that covers the most, then the smallest allocation.
+            (false, false) => {
+                let (a, b) = (self.covered(), other.covered());
+                a > b + 1e-9
+                    || ((a - b).abs() <= 1e-9
+                        && self.nodes as u64 * self.minutes < other.nodes as u64 * other.minutes)
+            }
         }
     }
 }
 
 /// Estimated minutes `nodes` nodes take to run the groups (an upper bound; see module docs).
-fn makespan(groups: &[Group], nodes: usize) -> Option<f64> {
+fn makespan(groups: &[&Group], nodes: usize) -> Option<f64> {
     let mut rounds_total = 0.0;
     let mut work = 0.0;
     let mut longest = 0u64;
@@ -375,38 +483,42 @@ fn makespan(groups: &[Group], nodes: usize) -> Option<f64> {
     Some(rounds_total.min(list_bound))
 }
 
-/// The launch this window would get, or why it cannot take the work.
-fn plan(groups: &[Group], w: &Window, margin: u64) -> Result<Plan, String> {
-    let largest = groups.iter().map(|g| g.nodes).max().unwrap_or(1);
-    let longest = groups.iter().map(|g| g.wall).max().unwrap_or(1);
-    let remaining: f64 = groups.iter().map(|g| g.left).sum();
-    if largest > w.max_nodes {
-        return Err(format!(
-            "the largest job needs {largest} nodes but the window allows at most {}",
-            w.max_nodes
-        ));
-    }
-    let min_minutes = (longest + margin).max(w.min_minutes).max(margin + 1);
-    if min_minutes > w.max_minutes {
+/// The launch this window would get for the jobs it can take, or why it can take none.
+fn plan(all: &[Group], w: &Window, margin: u64) -> Result<Plan, String> {
+    let groups: Vec<&Group> = all.iter().filter(|g| fits(g, w, margin)).collect();
+    if groups.is_empty() {
+        let largest = all.iter().map(|g| g.nodes).max().unwrap_or(1);
+        let longest = all.iter().map(|g| g.wall).max().unwrap_or(1);
+        if largest > w.max_nodes {
+            return Err(format!(
+                "the largest job needs {largest} nodes but the window allows at most {}",
+                w.max_nodes
+            ));
+        }
         return Err(format!(
             "the longest job needs {longest} min + {margin} min margin but the window allows at most {} min",
             w.max_minutes
         ));
     }
+    let largest = groups.iter().map(|g| g.nodes).max().unwrap_or(1);
+    let longest = groups.iter().map(|g| g.wall).max().unwrap_or(1);
+    let takes: f64 = groups.iter().map(|g| g.left).sum();
+    let all_of_it = groups.len() == all.len();
+    let min_minutes = (longest + margin).max(w.min_minutes).max(margin + 1);
     let lo = largest.max(w.min_nodes);
     let hi = w.max_nodes;
     let usable_max = (w.max_minutes - margin) as f64;
-    let fits = |n: usize| makespan(groups, n).is_some_and(|t| t <= usable_max + 1e-9);
+    let in_time = |n: usize| makespan(&groups, n).is_some_and(|t| t <= usable_max + 1e-9);
     // The makespan does not grow with more nodes: binary search for the fewest that finish.
-    let nodes = if fits(lo) {
+    let nodes = if in_time(lo) {
         Some(lo)
-    } else if !fits(hi) {
+    } else if !in_time(hi) {
         None
     } else {
         let (mut bad, mut good) = (lo, hi);
         while good - bad > 1 {
             let mid = bad + (good - bad) / 2;
-            if fits(mid) {
+            if in_time(mid) {
                 good = mid;
             } else {
                 bad = mid;
@@ -416,7 +528,7 @@ fn plan(groups: &[Group], w: &Window, margin: u64) -> Result<Plan, String> {
     };
     match nodes {
         Some(n) => {
-            let t = makespan(groups, n).unwrap_or(usable_max);
+            let t = makespan(&groups, n).unwrap_or(usable_max);
             let minutes = ((t - 1e-9).ceil() as u64 + margin)
                 .max(min_minutes)
                 .min(w.max_minutes);
@@ -425,15 +537,19 @@ fn plan(groups: &[Group], w: &Window, margin: u64) -> Result<Plan, String> {
                 nodes: n,
                 minutes,
                 capacity: n as f64 * (minutes - margin) as f64,
-                finishes: true,
+                takes,
+                finishes: all_of_it,
+                finishes_part: !all_of_it,
             })
         }
         None => Ok(Plan {
             window: *w,
             nodes: hi,
             minutes: w.max_minutes,
-            capacity: (hi as f64 * usable_max).min(remaining),
+            capacity: (hi as f64 * usable_max).min(takes),
+            takes,
             finishes: false,
+            finishes_part: false,
         }),
     }
 }
@@ -681,14 +797,13 @@ mod tests {
     #[test]
     fn job_too_big_for_every_queue() {
         let d = run(&[mpi(1, 600, 10)], &[], &debug_policy());
-        let r = nothing(&d);
-        assert!(
-            r.starts_with("1 runnable job needs 6000 node-minutes (largest 600 nodes"),
-            "{r}"
-        );
-        assert!(
-            r.contains("debug: the largest job needs 600 nodes but the window allows at most 8"),
-            "{r}"
+        assert_eq!(
+            nothing(&d),
+            "1 runnable job needs 6000 node-minutes (largest 600 nodes, longest 10 min); \
+             skipping 1 job that no policy window can take (1 job of 600 nodes x 10 min; the \
+             policy's windows allow at most 8 nodes and 60 min, 2 min of which the launcher keeps \
+             free): change that job or the queue policy; no launch is queued or running: nothing \
+             to submit"
         );
     }
 
@@ -696,10 +811,59 @@ mod tests {
     fn job_too_long_for_every_queue() {
         let r = nothing(&run(&[serial(1, 59, 1)], &[], &debug_policy()));
         assert!(
-            r.contains(
-                "the longest job needs 59 min + 2 min margin but the window allows at most 60 min"
-            ),
+            r.contains("skipping 1 job that no policy window can take (1 job of 1 node x 59 min;"),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn a_job_too_large_for_every_window_does_not_block_the_others() {
+        // One 600-node job no window takes, and 3 one-node jobs of 10 min: a launch is sized
+        // for the three, and its reason names the job left out.
+        let d = run(&[mpi(1, 600, 10), serial(3, 10, 1)], &[], &debug_policy());
+        assert_eq!(submits(&d), vec![("debug".into(), 1, 32)], "{d:#?}");
+        let Decision::Submit { reason, .. } = &d[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            reason,
+            "4 runnable jobs need 6030 node-minutes (largest 600 nodes, longest 10 min); skipping \
+             1 job that no policy window can take (1 job of 600 nodes x 10 min; the policy's \
+             windows allow at most 8 nodes and 60 min, 2 min of which the launcher keeps free): \
+             change that job or the queue policy; no launch is queued or running; submitting 1 \
+             nodes x 32 min to debug (window 1-8 nodes, 0-60 min) to run the remaining 30 \
+             node-minutes"
+        );
+        // A queued launch that covers the others: nothing more, and the skip is still said.
+        let r = nothing(&run(
+            &[mpi(1, 600, 10), serial(3, 10, 1)],
+            &[launch("debug", 1, 32, BatchJobState::Queued)],
+            &debug_policy(),
+        ));
+        assert!(
+            r.contains("skipping 1 job that no policy window can take"),
+            "{r}"
+        );
+        assert!(r.ends_with(": nothing to submit"), "{r}");
+    }
+
+    #[test]
+    fn jobs_that_need_different_windows_each_get_a_launch() {
+        // A 100-node job only the big queue takes, and a 59-minute serial job only the long
+        // debug window takes: one launch in each queue, neither blocked by the other.
+        let policy = QueuePolicy {
+            queues: vec![
+                queue("big", 1, &[(64, 128, 0, 30)]),
+                queue("debug", 1, &[(1, 8, 0, 120)]),
+            ],
+        };
+        let d = run(&[mpi(1, 100, 20), serial(1, 59, 1)], &[], &policy);
+        let mut s = submits(&d);
+        s.sort();
+        assert_eq!(
+            s,
+            vec![("big".into(), 100, 22), ("debug".into(), 1, 61)],
+            "{d:#?}"
         );
     }
 

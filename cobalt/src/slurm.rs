@@ -648,7 +648,7 @@ mod tests {
             nodes: 2,
             time_minutes: 3,
             job_mode: "serial".into(),
-            wf_filter: "wf1".into(),
+            wf_filter: crate::wf_filter_option("wf1"),
             balsam_bin: "/usr/bin".into(),
             balsam_db_path: d.display().to_string(),
             sched_flags: String::new(),
@@ -688,7 +688,7 @@ mod tests {
         let out = std::fs::read_to_string(d.join("qlaunch2.out")).unwrap();
         let ranks = out
             .lines()
-            .filter(|l| *l == "--job-mode=serial --wf-filter wf1 --time-limit-minutes=1")
+            .filter(|l| *l == "--job-mode=serial --wf-filter=wf1 --time-limit-minutes=1")
             .count();
         assert_eq!(ranks, 2, "{out}");
 

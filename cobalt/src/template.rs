@@ -31,7 +31,9 @@ pub struct TemplateVars {
     /// Launcher job mode: `serial`, `mpi` or `mixed`. In `mpi` mode the shipped templates run
     /// the launcher alone on the head (MOM) node; otherwise one launcher rank per node.
     pub job_mode: String,
-    /// Workflow filter; empty to consume all runnable jobs.
+    /// The workflow filter as the launcher's option without its dashes, as legacy Balsam rendered
+    /// it: `consume-all`, or `wf-filter=NAME` (NAME shell-quoted when it needs quotes), so that
+    /// `--{{ wf_filter }}` is the launcher's flag. See [`wf_filter_option`].
     pub wf_filter: String,
     /// Directory holding the `balsam` binaries.
     pub balsam_bin: String,
@@ -42,6 +44,18 @@ pub struct TemplateVars {
     pub sched_flags: String,
     /// Path of the `balsam-mpi-launcher` binary.
     pub launcher_bin: String,
+}
+
+/// The `wf_filter` variable for a workflow filter (empty: all jobs): `consume-all` or
+/// `wf-filter=NAME`, as legacy Balsam's templates received it, so the talk's
+/// `balsam launcher --{{ wf_filter }}` works unchanged. NAME is quoted for the shell when it
+/// holds spaces or other special characters.
+pub fn wf_filter_option(filter: &str) -> String {
+    if filter.is_empty() {
+        "consume-all".to_string()
+    } else {
+        format!("wf-filter={}", shell_words::quote(filter))
+    }
 }
 
 /// The built-in template for a scheduler.
@@ -118,7 +132,7 @@ mod tests {
             nodes: 2,
             time_minutes: 30,
             job_mode: "serial".into(),
-            wf_filter: String::new(),
+            wf_filter: wf_filter_option(""),
             balsam_bin: "/opt/balsam/bin".into(),
             balsam_db_path: "/home/u/test-db".into(),
             sched_flags: "--attrs ssds=required:ssd_size=128".into(),
@@ -136,8 +150,20 @@ mod tests {
         let out = render_job_template("theta.cobaltscheduler.tmpl", t, &vars()).unwrap();
         assert!(out.contains("#COBALT -A SDL_Workshop\n"));
         assert!(out.contains("#COBALT -t 30\n"));
-        assert!(out.contains("--time-limit-minutes=28\n"));
-        assert!(out.ends_with('\n'));
+        assert!(
+            out.ends_with(
+                "\nbalsam launcher --consume-all --job-mode=serial --time-limit-minutes=28\n"
+            ),
+            "{out}"
+        );
+        // With a workflow filter, as legacy rendered it.
+        let mut v = vars();
+        v.wf_filter = wf_filter_option("gdb7");
+        let out = render_job_template("theta.cobaltscheduler.tmpl", t, &v).unwrap();
+        assert!(
+            out.contains("\nbalsam launcher --wf-filter=gdb7 --job-mode=serial "),
+            "{out}"
+        );
     }
 
     #[test]
@@ -180,7 +206,7 @@ mod tests {
     fn cobalt_default_options() {
         let mut v = vars();
         v.sched_flags.clear();
-        v.wf_filter = "my-wf".into();
+        v.wf_filter = wf_filter_option("my wf");
         v.job_mode = "mpi".into();
         v.project.clear();
         let out = render_job_template("cobalt.tmpl", default_template(SchedulerKind::Cobalt), &v)
@@ -196,7 +222,7 @@ mod tests {
             launch.starts_with("/opt/balsam/bin/balsam-mpi-launcher"),
             "{launch}"
         );
-        assert!(launch.contains("--wf-filter my-wf"), "{launch}");
+        assert!(launch.contains(" --wf-filter='my wf' "), "{launch}");
         assert!(!launch.contains("--consume-all"), "{launch}");
     }
 
@@ -314,6 +340,17 @@ mod tests {
         // Legacy templates test variables we no longer provide (conda_path): not an error.
         let t = "{% if conda_path %}source activate {{ conda_path }}{% endif %}ok\n";
         assert_eq!(render_job_template("t", t, &vars()).unwrap(), "ok\n");
+    }
+
+    #[test]
+    fn wf_filter_renders_as_legacy() {
+        assert_eq!(wf_filter_option(""), "consume-all");
+        assert_eq!(wf_filter_option("gdb7"), "wf-filter=gdb7");
+        assert_eq!(wf_filter_option("a b"), "wf-filter='a b'");
+        assert_eq!(
+            shell_words::split(&format!("--{}", wf_filter_option("it's"))).unwrap(),
+            ["--wf-filter=it's"]
+        );
     }
 
     #[test]

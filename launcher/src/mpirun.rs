@@ -58,6 +58,17 @@ impl MpiRun {
         Ok(MpiRun { kind, config })
     }
 
+    /// The MPI launch command chosen (`balsam launcher` starts the launcher's own ranks with it
+    /// inside a batch job).
+    pub fn kind(&self) -> &MpiLauncherKind {
+        &self.kind
+    }
+
+    /// The programs behind each kind.
+    pub fn config(&self) -> &LaunchConfig {
+        &self.config
+    }
+
     /// Which launcher, for the log.
     pub fn describe(&self) -> String {
         match &self.kind {

@@ -44,7 +44,7 @@ fn on_path(prog: &str) -> Option<PathBuf> {
 
 /// A `.py` script becomes `python3 /abs/path/script.py`, as legacy did, so jobs run from any
 /// working directory.
-fn resolve_script(cmd: &str, what: &str) -> Result<String> {
+pub fn resolve_script(cmd: &str, what: &str) -> Result<String> {
     if cmd.trim().is_empty() {
         return Ok(String::new());
     }
@@ -74,6 +74,17 @@ fn resolve_script(cmd: &str, what: &str) -> Result<String> {
     Ok(cmd.to_string())
 }
 
+/// An envscript as an absolute path (empty for none).
+pub fn resolve_envscript(path: &str) -> Result<String> {
+    if path.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(std::fs::canonicalize(path)
+        .with_context(|| format!("envscript {path}: no such file"))?
+        .display()
+        .to_string())
+}
+
 fn shell_split(cmd: &str, what: &str) -> Result<Vec<String>> {
     let words = shell_words::split(cmd).with_context(|| format!("cannot parse {what} {cmd:?}"))?;
     if words.is_empty() {
@@ -91,14 +102,7 @@ pub fn run(ctx: &mut Ctx, a: &AppArgs) -> Result<()> {
         executable: resolve_script(&a.executable, "executable")?,
         preprocess: resolve_script(&a.preprocess, "preprocess script")?,
         postprocess: resolve_script(&a.postprocess, "postprocess script")?,
-        envscript: if a.envscript.is_empty() {
-            String::new()
-        } else {
-            std::fs::canonicalize(&a.envscript)
-                .with_context(|| format!("envscript {}: no such file", a.envscript))?
-                .display()
-                .to_string()
-        },
+        envscript: resolve_envscript(&a.envscript)?,
     };
     let app = ctx.store.add_app(&app)?;
     tracing::info!(name = %app.name, executable = %app.executable, "application added");

@@ -1,5 +1,6 @@
-//! `balsam launcher`: starts the MPI launcher here, as `mpiexec -n N+1 balsam-mpi-launcher ...`
-//! (rank 0 the master, N workers), and waits for it. SIGINT and SIGTERM are passed on to
+//! `balsam launcher`: starts the MPI launcher, as `mpiexec -n N+1 balsam-mpi-launcher ...` here
+//! (rank 0 the master, N workers) or, inside a batch job, across the allocation's nodes as the job
+//! templates do (see [`in_allocation`]), and waits for it. SIGINT and SIGTERM are passed on to
 //! mpiexec, which passes them to the ranks: the launcher then stops cleanly (running jobs become
 //! RUN_TIMEOUT, then RESTART_READY) and exits 0. mpiexec runs in its own process group so a
 //! terminal's Ctrl-C reaches it once, through us.
@@ -8,39 +9,49 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use balsam_launcher::{LaunchOptions, LAUNCHER_BIN};
+use balsam_cobalt::{launcher_ranks_command, Allocation};
+use balsam_launcher::mpirun::MpiRun;
+use balsam_launcher::{JobMode, LAUNCHER_BIN};
 use balsam_store::DbDir;
 
-/// Arguments of `balsam launcher`.
-#[derive(clap::Args, Debug)]
-pub struct LauncherArgs {
-    /// Worker ranks to start (the launcher runs N+1 MPI ranks; rank 0 is the master)
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub num_workers: u32,
-    #[command(flatten)]
-    pub opts: LaunchOptions,
-}
+pub use balsam::launcher_line::LauncherArgs;
 
 /// Runs the launcher and returns its exit code.
 pub fn run(db: &DbDir, args: &LauncherArgs) -> Result<i32> {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let launcher = find_launcher()?;
-    let mpiexec = find_program(&["mpiexec.mpich", "mpiexec"]).context(
-        "no mpiexec found on PATH; install MPICH (apt-get install mpich) or start balsam-mpi-launcher with your MPI launcher",
-    )?;
-    let mut cmd = Command::new(&mpiexec);
-    cmd.arg("-n")
-        .arg((args.num_workers + 1).to_string())
-        .arg(&launcher)
-        .arg("--db")
-        .arg(&db.root)
-        .args(args.opts.to_args())
+    let mut launcher_argv: Vec<String> = vec![
+        launcher.display().to_string(),
+        "--db".into(),
+        db.root.display().to_string(),
+    ];
+    launcher_argv.extend(args.opts.to_args());
+    let argv = match Allocation::from_process_env()
+        .context("cannot read the batch job's environment")?
+    {
+        Some(alloc) => in_allocation(db, args, &alloc, &launcher_argv)?,
+        None => {
+            let mpiexec = find_program(&["mpiexec.mpich", "mpiexec"]).context(
+                "no mpiexec found on PATH; install MPICH (apt-get install mpich) or start balsam-mpi-launcher with your MPI launcher",
+            )?;
+            let ranks = args.num_workers.unwrap_or(1) + 1;
+            let mut argv = vec![
+                mpiexec.display().to_string(),
+                "-n".into(),
+                ranks.to_string(),
+            ];
+            argv.extend(launcher_argv);
+            argv
+        }
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .env("BALSAM_DB_PATH", &db.root)
         .process_group(0);
-    tracing::info!("starting {:?}", cmd);
+    tracing::info!("starting {}", shell_words::join(&argv));
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("cannot start {}", mpiexec.display()))?;
+        .with_context(|| format!("cannot start {}", argv[0]))?;
     let pid = child.id() as libc::pid_t;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -54,7 +65,9 @@ pub fn run(db: &DbDir, args: &LauncherArgs) -> Result<i32> {
             unsafe { libc::kill(pid, sig) };
         }
     });
-    let status = child.wait().context("waiting for mpiexec")?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {}", argv[0]))?;
     handle.close();
     let _ = forwarder.join();
     Ok(match (status.code(), status.signal()) {
@@ -62,6 +75,58 @@ pub fn run(db: &DbDir, args: &LauncherArgs) -> Result<i32> {
         (None, Some(s)) => 128 + s,
         _ => 1,
     })
+}
+
+/// Inside a batch job the launcher runs where the shipped templates run it: one rank on each
+/// node of the allocation, started with the site's MPI launch command, and none on the head
+/// (MOM) node where the batch script runs; in job mode mpi, alone on the head node.
+fn in_allocation(
+    db: &DbDir,
+    args: &LauncherArgs,
+    alloc: &Allocation,
+    launcher_argv: &[String],
+) -> Result<Vec<String>> {
+    if let Some(n) = args.num_workers {
+        bail!(
+            "--num-workers {n} starts worker ranks on this host, but this is {} batch job {} \
+             with {} node(s): inside a batch job `balsam launcher` runs one launcher rank on each \
+             node of the allocation. Leave out --num-workers.",
+            alloc.scheduler,
+            alloc.job_id,
+            alloc.node_count
+        );
+    }
+    let settings = db.settings()?;
+    let path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let mpirun = MpiRun::from_settings(&settings, &path)?;
+    let cpus_on_node = std::env::var("SLURM_CPUS_ON_NODE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    let alone = args.opts.job_mode == JobMode::Mpi;
+    let argv = launcher_ranks_command(
+        alloc,
+        mpirun.kind(),
+        mpirun.config(),
+        alone,
+        cpus_on_node,
+        launcher_argv,
+    )?;
+    // The batch job's output says where the launcher went.
+    eprintln!(
+        "balsam launcher: in {} batch job {} ({} node(s)): {}",
+        alloc.scheduler,
+        alloc.job_id,
+        alloc.node_count,
+        if alone {
+            "job mode mpi, the launcher runs here and starts each job with the MPI launch command"
+                .to_string()
+        } else {
+            format!("one launcher rank per node: {}", shell_words::join(&argv))
+        }
+    );
+    Ok(argv)
 }
 
 /// `balsam-mpi-launcher` beside this executable, else on PATH.

@@ -1,4 +1,5 @@
-//! `balsam log`: follow the database's logs (`log/*.log`), like `tail -f` over all of them.
+//! `balsam log`: follow the database's logs (`log/*.log`), like `tail -F` over all of them: a
+//! log rotated meanwhile is followed into its new file.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -12,8 +13,9 @@ use super::Ctx;
 /// Arguments of `balsam log`.
 #[derive(clap::Args)]
 pub struct LogArgs {
-    /// Lines of each file to show first
-    #[arg(short = 'n', long, default_value_t = 10)]
+    /// Lines of each file to show first (0 to 100000)
+    #[arg(short = 'n', long, default_value_t = 10,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
     pub lines: usize,
     /// Print and exit instead of following
     #[arg(long)]
@@ -25,7 +27,8 @@ fn log_files(dir: &std::path::Path) -> Vec<PathBuf> {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.path())
-                .filter(|p| p.is_file())
+                // Rotated backups (`balsam.log.1`) are history, not what is being written now.
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "log"))
                 .collect()
         })
         .unwrap_or_default();

@@ -30,16 +30,16 @@ pub struct LsArgs {
     /// jobs, apps, wf or queues
     #[arg(default_value = "jobs")]
     pub what: LsWhat,
-    /// Jobs whose name contains this
+    /// Jobs whose name contains this, ignoring case
     #[arg(long)]
     pub name: Option<String>,
-    /// Jobs whose id starts with this
+    /// Jobs whose id contains this
     #[arg(long)]
     pub id: Option<String>,
     /// Jobs in this state
     #[arg(long)]
     pub state: Option<String>,
-    /// Jobs of this workflow
+    /// Jobs whose workflow contains this, ignoring case
     #[arg(long)]
     pub wf: Option<String>,
     /// Show each job's state history
@@ -69,11 +69,17 @@ const VERBOSE_COLS: [&str; 6] = [
     "launcher",
 ];
 
-fn limit() -> usize {
-    std::env::var("BALSAM_LS_LIMIT")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(5000)
+/// BALSAM_LS_LIMIT: rows shown, 1 to 10000000 (default 5000).
+fn limit() -> Result<usize> {
+    let Ok(v) = std::env::var("BALSAM_LS_LIMIT") else {
+        return Ok(5000);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => anyhow::bail!(
+            "BALSAM_LS_LIMIT={v:?}: expected a whole number of rows from 1 to 10000000 (unset it for 5000)"
+        ),
+    }
 }
 
 fn columns(verbose: bool) -> Result<Vec<String>> {
@@ -159,7 +165,7 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
         LsWhat::Jobs => {}
     }
     let f = filter(a)?;
-    let lim = limit();
+    let lim = limit()?;
     let store = &mut ctx.store;
     if a.json {
         let (jobs, _) = store.list_jobs(&f, lim)?;
@@ -334,17 +340,18 @@ fn list_workflows(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()>
 }
 
 fn list_queues(ctx: &mut Ctx, a: &LsArgs, out: &mut impl Write) -> Result<()> {
-    // States come from the scheduler, refreshed now; when it cannot be asked, the recorded
-    // states are shown with a warning rather than nothing.
+    // States come from the scheduler, refreshed now, which records them: the one write of a
+    // listing, on a store of its own (ls opens read-only). When the scheduler cannot be asked or
+    // the database not written, the recorded states are shown with a warning rather than
+    // nothing.
     let has_active = !ctx.store.launches(true)?.is_empty();
     if has_active {
-        match balsam::batch::Site::open(&ctx.store.dir)
-            .and_then(|site| balsam::batch::refresh_launches(&mut ctx.store, &site, false))
-        {
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("balsam: warning: states as last recorded; cannot refresh them: {e}")
-            }
+        let refreshed = balsam::batch::Site::open(&ctx.store.dir).and_then(|site| {
+            let mut writable = Store::open(ctx.store.dir.clone())?;
+            balsam::batch::refresh_launches(&mut writable, &site, false)
+        });
+        if let Err(e) = refreshed {
+            eprintln!("balsam: warning: states as last recorded; cannot refresh them: {e}")
         }
     }
     let launches = ctx.store.launches(false)?;

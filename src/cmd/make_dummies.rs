@@ -8,7 +8,8 @@ use super::Ctx;
 /// Arguments of `balsam make_dummies`.
 #[derive(clap::Args)]
 pub struct MakeDummiesArgs {
-    /// How many jobs
+    /// How many jobs (1 to 10000000)
+    #[arg(value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub num: usize,
     /// Their workflow
     #[arg(long, default_value = "dummy")]
@@ -28,19 +29,23 @@ pub fn run(ctx: &mut Ctx, a: &MakeDummiesArgs) -> Result<()> {
             envscript: String::new(),
         })?;
     }
-    let jobs: Vec<NewJob> = (0..a.num)
-        .map(|i| NewJob {
-            job_id: None,
-            spec: JobSpec {
-                name: format!("dummy{i}"),
-                workflow: a.workflow.clone(),
-                application: "dummy".into(),
-                ..JobSpec::default()
-            },
-            parents: vec![],
-        })
-        .collect();
-    ctx.store.add_jobs(&jobs, &mut |_| {})?;
+    // In chunks, so that ten million dummies do not need ten million jobs in memory at once.
+    const CHUNK: usize = 50_000;
+    for start in (0..a.num).step_by(CHUNK) {
+        let jobs: Vec<NewJob> = (start..(start + CHUNK).min(a.num))
+            .map(|i| NewJob {
+                job_id: None,
+                spec: JobSpec {
+                    name: format!("dummy{i}"),
+                    workflow: a.workflow.clone(),
+                    application: "dummy".into(),
+                    ..JobSpec::default()
+                },
+                parents: vec![],
+            })
+            .collect();
+        ctx.store.add_jobs(&jobs, &mut |_| {})?;
+    }
     println!("Added {} dummy jobs", a.num);
     Ok(())
 }

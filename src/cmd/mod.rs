@@ -1,6 +1,7 @@
 //! One module per `balsam` subcommand, plus what they share: the open database and the prompt.
 
 pub mod app;
+pub mod bulk;
 pub mod dep;
 pub mod init;
 pub mod job;
@@ -20,63 +21,53 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use balsam_store::{Job, Store};
+use balsam_launcher::logging::{self, LogLimits};
+use balsam_store::{DbDir, Job, Store};
+use tracing::level_filters::LevelFilter;
 
 /// What every subcommand that works on a database gets.
 pub struct Ctx {
     /// The open database.
     pub store: Store,
-    /// Keeps the log file writer alive until exit.
-    _log_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl Ctx {
-    /// Opens the active database and starts logging to its `log/balsam.log`.
+    /// Opens the active database and logs to its `log/balsam.log`.
     pub fn open(db: Option<&Path>) -> Result<Ctx> {
-        Ctx::open_logging(db, "balsam.log", tracing::Level::WARN)
+        Ctx::open_logging(db, "balsam.log", LevelFilter::WARN)
+    }
+
+    /// Opens the active database for a command that only reads (`ls`, `log`): it never takes
+    /// the write lock, so it neither waits behind a writer nor needs write access (a schema
+    /// older than this balsam is still upgraded first, by a user who may write).
+    pub fn open_read_only(db: Option<&Path>) -> Result<Ctx> {
+        let store = Store::locate_read_only(db)?;
+        init_logging(&store.dir, "balsam.log", LevelFilter::WARN);
+        Ok(Ctx { store })
     }
 
     /// Opens the active database and logs to `log/<file>`, and to stderr from `stderr_level`
     /// up (the service shows its decisions on its terminal too).
-    pub fn open_logging(
-        db: Option<&Path>,
-        file: &str,
-        stderr_level: tracing::Level,
-    ) -> Result<Ctx> {
+    pub fn open_logging(db: Option<&Path>, file: &str, stderr_level: LevelFilter) -> Result<Ctx> {
         let store = Store::locate(db)?;
-        let guard = init_logging(&store.dir.log_dir(), file, stderr_level);
-        Ok(Ctx {
-            store,
-            _log_guard: guard,
-        })
+        init_logging(&store.dir, file, stderr_level);
+        Ok(Ctx { store })
     }
 }
 
-/// Logs go to the database's `log/balsam.log` (the provenance of who changed what from the
-/// command line) and, for warnings, to stderr.
-fn init_logging(
-    dir: &Path,
-    file: &str,
-    stderr_level: tracing::Level,
-) -> Option<tracing_appender::non_blocking::WorkerGuard> {
-    use tracing_subscriber::fmt::writer::MakeWriterExt;
-    use tracing_subscriber::prelude::*;
-    let file = tracing_appender::rolling::never(dir, file);
-    let (writer, guard) = tracing_appender::non_blocking(file);
-    let file_layer = tracing_subscriber::fmt::layer()
-        .with_ansi(false)
-        .with_writer(writer.with_max_level(tracing::Level::INFO));
-    let stderr_layer = tracing_subscriber::fmt::layer()
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .with_writer(std::io::stderr.with_max_level(stderr_level));
-    tracing_subscriber::registry()
-        .with(file_layer)
-        .with(stderr_layer)
-        .try_init()
-        .ok()?;
-    Some(guard)
+/// Logs go to the database's `log/` (the provenance of who changed what from the command line),
+/// at LOG_HANDLER_LEVEL and rotated as the settings say, and from `stderr_level` up to stderr.
+/// A log that cannot be written is said once, and its lines go to stderr: a command never fails
+/// for its log.
+fn init_logging(db: &DbDir, file: &str, stderr_level: LevelFilter) {
+    let limits = match db.settings() {
+        Ok(s) => LogLimits::from_settings(&s),
+        Err(e) => {
+            eprintln!("balsam: warning: {e}; logging with the default settings");
+            LogLimits::default()
+        }
+    };
+    logging::init_command(&db.log_dir().join(file), limits, stderr_level);
 }
 
 /// A bug must not look like a user error: say so and how to report it, then abort.

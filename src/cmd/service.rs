@@ -15,8 +15,9 @@ pub struct ServiceArgs {
     /// One pass, then exit (for cron and tests)
     #[arg(long)]
     pub once: bool,
-    /// Seconds between passes (default: SERVICE_PERIOD in settings.json)
-    #[arg(long, value_name = "SECONDS")]
+    /// Seconds between passes, more than 0 and at most 86400 (default: SERVICE_PERIOD in
+    /// settings.json)
+    #[arg(long, value_name = "SECONDS", value_parser = period_seconds)]
     pub period: Option<f64>,
     /// Job mode of the launcher jobs it submits
     #[arg(long, value_enum, default_value_t = JobMode::Mixed)]
@@ -29,15 +30,20 @@ pub struct ServiceArgs {
     pub project: String,
 }
 
+/// Checks `--period`: a positive number of seconds, at most a day.
+fn period_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 && p <= 86_400.0 => Ok(p),
+        _ => Err("expected a number of seconds more than 0 and at most 86400 (a day)".into()),
+    }
+}
+
 /// Runs the service until --once is done or SIGTERM/SIGINT.
 pub fn run(db: Option<&Path>, a: &ServiceArgs) -> Result<()> {
     // The service logs its decisions to log/service.log and to its terminal.
-    let ctx = Ctx::open_logging(db, "service.log", tracing::Level::INFO)?;
+    let ctx = Ctx::open_logging(db, "service.log", tracing::level_filters::LevelFilter::INFO)?;
     let settings = ctx.store.dir.settings()?;
     let period = match a.period {
-        Some(p) if !(p.is_finite() && p > 0.0) => {
-            anyhow::bail!("--period must be a positive number of seconds, not {p}")
-        }
         Some(p) => Duration::from_secs_f64(p),
         None => Duration::from_secs(settings.service_period.max(1)),
     };

@@ -6,14 +6,21 @@ use balsam_launcher::JobMode;
 
 use super::Ctx;
 
+/// More nodes than any machine has: a typo, not a request.
+const MAX_NODES: i64 = 100_000;
+/// Thirty days: longer than any batch queue allows.
+const MAX_MINUTES: i64 = 43_200;
+
 /// Arguments of `balsam submit-launch`.
 #[derive(clap::Args, Debug)]
 pub struct SubmitLaunchArgs {
-    /// Nodes to ask for
-    #[arg(short = 'n', long = "nodes", value_name = "NODES")]
+    /// Nodes to ask for (1 to 100000)
+    #[arg(short = 'n', long = "nodes", value_name = "NODES",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_NODES))]
     pub nodes: u32,
-    /// Wall time, minutes
-    #[arg(short = 't', long = "time-minutes", value_name = "MINUTES")]
+    /// Wall time, minutes (1 to 43200, 30 days)
+    #[arg(short = 't', long = "time-minutes", value_name = "MINUTES",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MINUTES))]
     pub time_minutes: u32,
     /// Queue (Slurm partition); required on Cobalt
     #[arg(short = 'q', long, value_name = "QUEUE", default_value = "")]

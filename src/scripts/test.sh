@@ -27,4 +27,4 @@ trap 'bash tests/pg/server.sh stop "$pgdir"; rm -rf "$pgdir"' EXIT
 BALSAM_TEST_PG_URL=$(bash tests/pg/server.sh start "$pgdir")
 export BALSAM_TEST_PG_URL BALSAM_TEST_BACKEND=postgres
 cargo test --locked -p balsam-store --test store -- --test-threads="$threads"
-cargo test --locked -p balsam --test cli --test launcher --test batch --test slurm -- --test-threads="$threads"
+cargo test --locked -p balsam --test cli --test attack --test launcher --test batch --test slurm -- --test-threads="$threads"

@@ -113,6 +113,21 @@ impl Store {
     /// writes and never waits for a writer, and works for users who may only read the
     /// directory. An older schema is migrated first when this user can write the database.
     pub fn open_read_only(dir: DbDir) -> Result<Store> {
+        Store::try_open_read_only(dir.clone()).map_err(|e| match e {
+            Error::Sql(rusqlite::Error::SqliteFailure(f, _))
+                if f.extended_code == rusqlite::ffi::SQLITE_READONLY_DIRECTORY =>
+            {
+                Error::Refused(format!(
+                    "cannot read the database in {} without its -wal and -shm files, and this user may not create them there; \
+                     open it once as a user who may write the directory (any balsam command), which leaves them in place",
+                    dir.root.display()
+                ))
+            }
+            other => other,
+        })
+    }
+
+    fn try_open_read_only(dir: DbDir) -> Result<Store> {
         let mut store = Store::connect(dir.clone(), true)?;
         let (found, current) = store.found_version()?;
         if found == current {
@@ -205,6 +220,9 @@ impl Store {
                 })?;
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
+            // The WAL and its index stay on disk when the last writer closes (emptied, not
+            // removed), so users who may only read the directory can still open the database.
+            persist_wal(&conn);
         }
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65536)?;
@@ -364,6 +382,24 @@ impl Store {
                     )?;
                 }
                 Ok(())
+            }),
+        }
+    }
+
+    /// The database's size on disk, bytes (the SQLite file and its WAL; the PostgreSQL
+    /// database's tables and indexes).
+    pub fn size_bytes(&mut self) -> Result<u64> {
+        match self.backend() {
+            Backend::Sqlite => {
+                let size =
+                    |p: std::path::PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let file = self.dir.db_file();
+                let wal = file.with_file_name(format!("{}-wal", crate::dir::DB_FILE));
+                Ok(size(file) + size(wal))
+            }
+            Backend::Postgres => self.read(|tx| {
+                tx.query_one("SELECT pg_database_size(current_database())", &[])?
+                    .u64(0)
             }),
         }
     }
@@ -569,6 +605,22 @@ fn finish_pg<T>(pg: &mut PgConn, out: Result<T>) -> Result<T> {
             let _ = pg.client.batch_execute("ROLLBACK");
             Err(e)
         }
+    }
+}
+
+/// Keeps the `-wal` and `-shm` files when this connection closes (SQLITE_FCNTL_PERSIST_WAL):
+/// without them a reader who cannot create files in the directory cannot open a WAL database.
+fn persist_wal(conn: &Connection) {
+    let mut on: std::ffi::c_int = 1;
+    // SAFETY: a file-control call on this open connection's main database, with a pointer to
+    // an int that lives across the call, as SQLite documents for this opcode.
+    unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::ffi::c_int).cast(),
+        );
     }
 }
 

@@ -69,18 +69,23 @@ pub struct JobSpec {
 
 /// A new job's id.
 ///
-/// Jobs are stored under a time-ordered key (a UUID v7: a millisecond timestamp, then random
-/// bits), so a million new jobs append to the id index instead of scattering over it (random
-/// ids made the import index-bound). Users see the key rotated by 9 bytes: the random bits come
-/// first, so ids still differ from their first characters, as legacy Balsam's random ids did.
+/// Jobs are stored under a time-ordered key, 6 bytes of milliseconds since the epoch then 10
+/// random bytes, so a million new jobs append to the id index instead of scattering over it
+/// (random keys made the import index-bound). Users see the key rotated: the 10 random bytes
+/// come first, so ids differ from their first characters as legacy Balsam's random ids did.
 /// Short prefixes (`balsam modify fab5 ...`) and the `name_id8` of working directories stay
-/// unique, and only the store knows the stored order ([`job_key`]).
+/// unique; only the store knows the stored order ([`job_key`]).
 pub fn new_job_id() -> Uuid {
-    id_from_key(Uuid::now_v7().as_bytes())
+    let ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    let mut key = [0u8; 16];
+    key[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    // Randomness from the uuid crate's source (the operating system's).
+    key[6..].copy_from_slice(&Uuid::new_v4().as_bytes()[..10]);
+    id_from_key(&key)
 }
 
-/// Bytes the displayed id is rotated by (see [`new_job_id`]).
-const ID_ROTATION: usize = 9;
+/// Bytes of the key's time part, rotated to the end of the displayed id.
+const ID_ROTATION: usize = 6;
 
 /// The stored key of a job id.
 pub(crate) fn job_key(id: &Uuid) -> [u8; 16] {
@@ -99,7 +104,7 @@ pub(crate) fn id_from_key(key: &[u8]) -> Uuid {
 }
 
 /// SQL for the hex digits of a stored key's id, as users see it (upper case).
-pub(crate) const ID_HEX_SQL: &str = "(hex(substr(job_id, 10, 7)) || hex(substr(job_id, 1, 9)))";
+pub(crate) const ID_HEX_SQL: &str = "(hex(substr(job_id, 7, 10)) || hex(substr(job_id, 1, 6)))";
 
 /// Default bound on automatic restarts of one job.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
@@ -381,12 +386,25 @@ mod tests {
         for id in &ids {
             assert_eq!(id_from_key(&job_key(id)), *id);
         }
+        // Keys ascend by millisecond (within one millisecond their order is random).
         let keys: Vec<[u8; 16]> = ids.iter().map(job_key).collect();
-        assert!(keys.windows(2).all(|w| w[0] < w[1]), "keys ascend");
+        assert!(
+            keys.windows(2).all(|w| w[0][..6] <= w[1][..6]),
+            "keys ascend"
+        );
         // The displayed ids differ from their first characters: short prefixes and the id8 of
         // working directories stay unique.
         let id8s: std::collections::HashSet<String> =
             ids.iter().map(|i| i.to_string()[..8].to_string()).collect();
         assert_eq!(id8s.len(), ids.len());
+        // And they share no long prefix, even when made in the same millisecond.
+        let common = |a: &Uuid, b: &Uuid| {
+            a.to_string()
+                .chars()
+                .zip(b.to_string().chars())
+                .take_while(|(x, y)| x == y)
+                .count()
+        };
+        assert!(ids.windows(2).filter(|w| common(&w[0], &w[1]) >= 4).count() <= 2);
     }
 }

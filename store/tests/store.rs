@@ -746,7 +746,7 @@ fn filters_are_case_insensitive_substrings_as_in_legacy() {
     let all = s.list_jobs(&JobFilter::default(), 100).unwrap().0;
     let id = all[3].job_id.to_string();
     let f = JobFilter {
-        id: Some(id[28..].to_uppercase()),
+        id: Some(id[2..14].to_uppercase()),
         ..JobFilter::default()
     };
     assert_eq!(names(&mut s, f), vec!["other"]);

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! balsam-store-probe prepare DB N            # move N CREATED jobs to PREPROCESSED (runnable)
+//! balsam-store-probe size DB                 # the database's size on disk, bytes
 //! balsam-store-probe lease DB BATCH ROUNDS [--finish] [--print] [--ready FILE] [--wait-for FILE]
 //!     [--pause-ms MS]
 //!     # lease BATCH runnable jobs per round; --finish runs each through RUNNING to RUN_DONE;
@@ -36,6 +37,10 @@ fn run(args: &[String]) -> Result<(), String> {
     let cmd = args.get(1).ok_or(usage)?;
     let db = args.get(2).ok_or(usage)?;
     let mut store = Store::locate(Some(std::path::Path::new(db))).map_err(|e| e.to_string())?;
+    if cmd == "size" {
+        println!("{}", store.size_bytes().map_err(|e| e.to_string())?);
+        return Ok(());
+    }
     let session = store
         .start_session(&SessionInfo {
             kind: "probe".into(),
