@@ -15,7 +15,7 @@
 #
 # Environment: BENCH_DIR (where the database goes; default /var/tmp, which should be a disk file
 # system: every job's working directory and output file cost what real sites pay, which /dev/shm
-# hides), WORKERS (default 2), KEEP=1 to keep the database.
+# hides), WORKERS (default 2), KEEP=1 to keep the database, PARALLEL=0 to leave out GNU parallel.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -48,7 +48,7 @@ read -r _ loop_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
 
 # GNU parallel on the same commands (optional).
 par_s=""
-if command -v parallel >/dev/null; then
+if [ "${PARALLEL:-1}" != 0 ] && command -v parallel >/dev/null; then
     t0=$(date +%s%6N)
     seq "$n" | parallel -j2 -N0 /bin/true
     t1=$(date +%s%6N)
