@@ -11,9 +11,11 @@
 //!   [`BACKLOG_WORK`] of work per slot, at least one job when they are shorter than
 //!   [`SHORT_JOB`]), and not on a worker that is busy with a job running far longer than usual.
 //!   Without observations there is no backlog.
-//! - A backlog is reclaimable: a job that sat unstarted on one worker for [`RECLAIM_AFTER`] while
-//!   another worker has room and nothing else to do is taken back ([`Action::Reclaim`]) and placed
-//!   again. So no job waits behind a busy worker while another has room.
+//! - A backlog is reclaimable: a job that sat unstarted on one worker for [`RECLAIM_AFTER`] behind
+//!   a job running longer than usual (twice the expected run time), while another worker has room
+//!   and nothing else to do, is taken back ([`Action::Reclaim`]) and placed again. So no job
+//!   waits behind a busy worker while another has room, and jobs of the usual length are not
+//!   moved about.
 //! - MPI jobs (several nodes or ranks) get whole idle nodes, largest first; when none are idle the
 //!   largest waiting job reserves nodes that then drain, so a stream of serial work cannot starve
 //!   it. At most `max_mpiruns` run at once.
@@ -44,7 +46,8 @@ pub const BACKLOG_WORK: Duration = Duration::from_millis(50);
 /// get at least one, so a worker starts the next at once (a round trip to the master and the
 /// worker's idle polling cost a few per cent of a 1 s job).
 pub const SHORT_JOB: Duration = Duration::from_secs(5);
-/// A job unstarted on a worker this long, while another worker has room, is taken back.
+/// A job unstarted on a worker this long, behind a job running longer than usual, while another
+/// worker has room, is taken back.
 pub const RECLAIM_AFTER: Duration = Duration::from_millis(500);
 /// Expected work per slot held beyond the running jobs, so leasing stays a small cost per job
 /// and a slot never waits for a lease between two jobs shorter than this.
@@ -523,18 +526,19 @@ impl Scheduler {
         }
     }
 
-    /// Whether a job on this worker has run far longer than jobs usually do (a backlog there
-    /// would wait for it).
+    /// Whether a job on this worker has run far longer than jobs usually do: twice the expected
+    /// run time, and at least [`RECLAIM_AFTER`]. A backlog there would wait for it: none is
+    /// placed there, and one already there may be taken back.
     fn busy_with_a_long_job(&self, wi: usize, now: Instant) -> bool {
         let long = self
             .expected
-            .map(|e| Duration::from_secs_f64(e * 4.0))
+            .map(|e| Duration::from_secs_f64(e * 2.0))
             .unwrap_or(Duration::ZERO)
             .max(RECLAIM_AFTER);
         self.active.values().any(|a| {
             a.place == Place::Worker(wi)
                 && a.started
-                    .is_some_and(|s| now.saturating_duration_since(s) > long)
+                    .is_some_and(|s| now.saturating_duration_since(s) >= long)
         })
     }
 
@@ -728,9 +732,9 @@ impl Scheduler {
         }
     }
 
-    /// Takes back jobs that sat unstarted on a worker for [`RECLAIM_AFTER`] when other workers
-    /// have room and nothing else to run: at most as many as they have room for (less those on
-    /// their way back already), oldest first.
+    /// Takes back jobs that sat unstarted for [`RECLAIM_AFTER`] on a worker busy with a job
+    /// running longer than usual, when other workers have room and nothing else to run: at most
+    /// as many as they have room for (less those on their way back already), oldest first.
     fn decide_reclaims(&mut self, now: Instant, out: &mut Vec<Action>) {
         if !self.serial.is_empty() {
             return;
@@ -757,6 +761,11 @@ impl Scheduler {
         for wi in 0..self.workers.len() {
             if budget == 0 {
                 break;
+            }
+            // A backlog behind jobs that run as long as usual starts soon enough: taking it back
+            // would only cost round trips.
+            if !self.busy_with_a_long_job(wi, now) {
+                continue;
             }
             let mut pks = Vec::new();
             for (pk, sent) in &self.workers[wi].unstarted {
@@ -1026,6 +1035,36 @@ mod tests {
         assert!(s.decide(later, None).is_empty());
         assert!(s.reclaimed(11));
         assert_eq!(runs(&s.decide(later, None)), vec![(11, 2, false)]);
+    }
+
+    #[test]
+    fn a_backlog_behind_jobs_of_the_usual_length_is_left_alone() {
+        // 1 s jobs: a job queued behind one that has run 0.6 s starts within half a second;
+        // moving it would only cost round trips.
+        let mut s = two_workers();
+        let t = Instant::now();
+        s.add(serial(1));
+        s.add(serial(2));
+        s.decide(t, None);
+        s.started(1, t);
+        s.started(2, t);
+        run_for(&mut s, 2, t, 1.0);
+        s.add(serial(3));
+        s.add(serial(4));
+        assert_eq!(runs(&s.decide(t, None)), vec![(3, 1, false), (4, 0, true)]);
+        s.started(3, t);
+        run_for(&mut s, 3, t, 1.0);
+        let later = t + Duration::from_millis(600);
+        assert!(s.decide(later, None).is_empty());
+        // Past twice the usual run time, it is taken back.
+        let much_later = t + Duration::from_millis(2100);
+        assert_eq!(
+            s.decide(much_later, None),
+            vec![Action::Reclaim {
+                worker: 0,
+                pks: vec![4]
+            }]
+        );
     }
 
     #[test]
