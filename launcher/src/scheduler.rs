@@ -11,11 +11,11 @@
 //!   [`BACKLOG_WORK`] of work per slot, at least one job when they are shorter than
 //!   [`SHORT_JOB`]), and not on a worker that is busy with a job running far longer than usual.
 //!   Without observations there is no backlog.
-//! - A backlog is reclaimable: a job that sat unstarted on one worker for [`RECLAIM_AFTER`] behind
-//!   a job running longer than usual (twice the expected run time), while another worker has room
-//!   and nothing else to do, is taken back ([`Action::Reclaim`]) and placed again. So no job
-//!   waits behind a busy worker while another has room, and jobs of the usual length are not
-//!   moved about.
+//! - A backlog is reclaimable: when another worker has room and the master has nothing else to
+//!   give it, a job expected to wait on its worker for [`RECLAIM_WORTH`] or more (its worker's
+//!   running job has that much of its usual run time left, or runs twice as long as usual) is
+//!   taken back ([`Action::Reclaim`]) and started there. So no job waits behind a busy worker
+//!   while another has room, and jobs about to start are not moved about.
 //! - MPI jobs (several nodes or ranks) get whole idle nodes, largest first; when none are idle the
 //!   largest waiting job reserves nodes that then drain, so a stream of serial work cannot starve
 //!   it. At most `max_mpiruns` run at once.
@@ -46,9 +46,9 @@ pub const BACKLOG_WORK: Duration = Duration::from_millis(50);
 /// get at least one, so a worker starts the next at once (a round trip to the master and the
 /// worker's idle polling cost a few per cent of a 1 s job).
 pub const SHORT_JOB: Duration = Duration::from_secs(5);
-/// A job unstarted on a worker this long, behind a job running longer than usual, while another
-/// worker has room, is taken back.
-pub const RECLAIM_AFTER: Duration = Duration::from_millis(500);
+/// A backlog job expected to wait at least this long for its worker is taken back when another
+/// worker has room: moving it costs a round trip of a few milliseconds.
+pub const RECLAIM_WORTH: Duration = Duration::from_millis(250);
 /// Expected work per slot held beyond the running jobs, so leasing stays a small cost per job
 /// and a slot never waits for a lease between two jobs shorter than this.
 pub const LEASE_AHEAD: Duration = Duration::from_secs(2);
@@ -209,9 +209,9 @@ impl fmt::Display for Action {
             ),
             Action::Reclaim { worker, pks } => write!(
                 f,
-                "{} jobs taken back from worker {worker}: unstarted for {} ms while another worker has room",
+                "{} jobs taken back from worker {worker}: they would wait there {} ms or more while another worker has room",
                 pks.len(),
-                RECLAIM_AFTER.as_millis()
+                RECLAIM_WORTH.as_millis()
             ),
             Action::Release { pks, why } => write!(
                 f,
@@ -249,6 +249,8 @@ struct Worker {
     load: u64,
     /// Jobs sent and not started, oldest first, with when they were sent.
     unstarted: VecDeque<(i64, Instant)>,
+    /// Jobs sent and not finished (running or not).
+    jobs: usize,
     gone: bool,
 }
 
@@ -306,6 +308,7 @@ impl Scheduler {
                     spec,
                     load: 0,
                     unstarted: VecDeque::new(),
+                    jobs: 0,
                     gone: false,
                 })
                 .collect(),
@@ -374,6 +377,7 @@ impl Scheduler {
             Place::Worker(wi) => {
                 let w = &mut self.workers[*wi];
                 w.load = w.load.saturating_sub(a.units);
+                w.jobs = w.jobs.saturating_sub(1);
                 w.unstarted.retain(|(p, _)| *p != pk);
             }
             Place::Nodes(nodes) => {
@@ -404,6 +408,7 @@ impl Scheduler {
         if let Place::Worker(wi) = a.place {
             let w = &mut self.workers[wi];
             w.load = w.load.saturating_sub(a.units);
+            w.jobs = w.jobs.saturating_sub(1);
             w.unstarted.retain(|(p, _)| *p != pk);
         }
         self.serial.push_front(a.shape);
@@ -526,20 +531,30 @@ impl Scheduler {
         }
     }
 
-    /// Whether a job on this worker has run far longer than jobs usually do: twice the expected
-    /// run time, and at least [`RECLAIM_AFTER`]. A backlog there would wait for it: none is
-    /// placed there, and one already there may be taken back.
-    fn busy_with_a_long_job(&self, wi: usize, now: Instant) -> bool {
-        let long = self
-            .expected
-            .map(|e| Duration::from_secs_f64(e * 2.0))
+    /// How long a job queued on this worker is expected to wait for a slot: the least of its
+    /// running jobs' usual run time left; [`Duration::MAX`] when one runs twice as long as usual
+    /// (it may run for long: nothing should wait behind it); zero when one is only somewhat
+    /// late, or none started yet, or nothing is known of run times.
+    fn expected_wait(&self, wi: usize, now: Instant) -> Duration {
+        let Some(e) = self.expected.map(Duration::from_secs_f64) else {
+            return Duration::ZERO;
+        };
+        self.active
+            .values()
+            .filter(|a| a.place == Place::Worker(wi))
+            .filter_map(|a| a.started)
+            .map(|s| {
+                let ran = now.saturating_duration_since(s);
+                if ran < e {
+                    e - ran
+                } else if ran < e * 2 {
+                    Duration::ZERO
+                } else {
+                    Duration::MAX
+                }
+            })
+            .min()
             .unwrap_or(Duration::ZERO)
-            .max(RECLAIM_AFTER);
-        self.active.values().any(|a| {
-            a.place == Place::Worker(wi)
-                && a.started
-                    .is_some_and(|s| now.saturating_duration_since(s) >= long)
-        })
     }
 
     fn eligible(&self, wi: usize) -> bool {
@@ -577,10 +592,10 @@ impl Scheduler {
                 let w = &self.workers[*i];
                 let slots = (w.spec.capacity / cost.max(1)).max(1) as usize;
                 self.eligible(*i)
-                    && w.unstarted.len() < (slots * (1 + per_slot)).min(MAX_BACKLOG_PER_WORKER)
-                    && !self.busy_with_a_long_job(*i, now)
+                    && w.jobs < (slots * (1 + per_slot)).min(MAX_BACKLOG_PER_WORKER)
+                    && self.expected_wait(*i, now) < Duration::MAX
             })
-            .min_by_key(|i| self.workers[*i].unstarted.len())
+            .min_by_key(|i| self.workers[*i].jobs)
             .map(|i| (i, true))
     }
 
@@ -588,6 +603,7 @@ impl Scheduler {
         let units = self.units(wi, job.cost);
         let w = &mut self.workers[wi];
         w.load += units;
+        w.jobs += 1;
         w.unstarted.push_back((job.pk, now));
         self.active.insert(
             job.pk,
@@ -732,19 +748,14 @@ impl Scheduler {
         }
     }
 
-    /// Takes back jobs that sat unstarted for [`RECLAIM_AFTER`] on a worker busy with a job
-    /// running longer than usual, when other workers have room and nothing else to run: at most
-    /// as many as they have room for (less those on their way back already), oldest first.
+    /// Takes back queued jobs that would wait [`RECLAIM_WORTH`] or more on their worker, when
+    /// other workers have room and the master has nothing else to give them: at most as many as
+    /// they have room for (less those on their way back already), oldest first.
     fn decide_reclaims(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if !self.serial.is_empty() {
+        if !self.serial.is_empty() || self.expected.is_none() {
             return;
         }
-        let stale = |w: &Worker| {
-            w.unstarted
-                .front()
-                .is_some_and(|(_, t)| now.saturating_duration_since(*t) >= RECLAIM_AFTER)
-        };
-        if !self.workers.iter().any(stale) {
+        if !self.workers.iter().any(|w| !w.unstarted.is_empty()) {
             return;
         }
         // Room, counted in jobs of the typical cost.
@@ -762,14 +773,13 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            // A backlog behind jobs that run as long as usual starts soon enough: taking it back
-            // would only cost round trips.
-            if !self.busy_with_a_long_job(wi, now) {
+            if self.workers[wi].unstarted.is_empty() || self.expected_wait(wi, now) < RECLAIM_WORTH
+            {
                 continue;
             }
             let mut pks = Vec::new();
-            for (pk, sent) in &self.workers[wi].unstarted {
-                if budget == 0 || now.saturating_duration_since(*sent) < RECLAIM_AFTER {
+            for (pk, _) in &self.workers[wi].unstarted {
+                if budget == 0 {
                     break;
                 }
                 if self.active.get(pk).is_some_and(|a| !a.reclaiming) {
@@ -954,9 +964,9 @@ mod tests {
 
     #[test]
     fn the_dynamic_workflow_pattern_its_tasks_never_wait_behind_their_master_job() {
-        // A running job (pk 1, on worker 0) adds tasks and waits for them. A task that was queued
-        // on worker 0 as a backlog while worker 0 was not yet known to be busy for long is taken
-        // back once worker 1 has room, and runs there.
+        // A running job (pk 1, on worker 0) adds tasks and waits for them. A task queued on
+        // worker 0 while the job there was not yet known to run long is taken back once worker 1
+        // has room, and runs there.
         let mut s = two_workers();
         let t0 = Instant::now();
         s.add(serial(1));
@@ -965,16 +975,16 @@ mod tests {
         s.started(1, t0);
         s.started(2, t0);
         run_for(&mut s, 2, t0, 0.1);
-        // Short tasks observed: task 10 goes to worker 1, task 11 may be a backlog anywhere.
-        let t1 = t0 + Duration::from_millis(200);
+        // 0.1 s jobs observed: task 10 goes to worker 1, task 11 queues on worker 0.
+        let t1 = t0 + Duration::from_millis(50);
         s.add(serial(10));
         s.add(serial(11));
         let a = runs(&s.decide(t1, None));
-        // Worker 0 is not yet known to be busy for long: the backlog goes there.
         assert_eq!(a, vec![(10, 1, false), (11, 0, true)]);
         s.started(10, t1);
         run_for(&mut s, 10, t1, 0.1);
-        let t2 = t1 + RECLAIM_AFTER;
+        // Job 1 has run three times as long as usual: task 11 would wait behind it.
+        let t2 = t0 + Duration::from_millis(300);
         let a = s.decide(t2, None);
         assert_eq!(
             a,
@@ -987,6 +997,11 @@ mod tests {
         assert!(s.decide(t2, None).is_empty());
         assert!(s.reclaimed(11));
         assert_eq!(runs(&s.decide(t2, None)), vec![(11, 1, false)]);
+        // And no new task queues behind it.
+        s.add(serial(12));
+        s.add(serial(13));
+        let a = runs(&s.decide(t2, None));
+        assert!(a.iter().all(|(_, w, _)| *w == 1), "{a:?}");
     }
 
     #[test]
@@ -1021,8 +1036,8 @@ mod tests {
         assert_eq!(a, vec![(10, 2, false), (11, 0, true), (12, 1, true)]);
         s.started(10, t);
         run_for(&mut s, 10, t, 0.1);
-        // Worker 2 has room for one: one stale job comes back, not both.
-        let later = t + RECLAIM_AFTER;
+        // Worker 2 has room for one: one of the jobs stuck behind long runs comes back, not both.
+        let later = t + Duration::from_millis(500);
         let a = s.decide(later, None);
         assert_eq!(
             a,
@@ -1038,33 +1053,38 @@ mod tests {
     }
 
     #[test]
-    fn a_backlog_behind_jobs_of_the_usual_length_is_left_alone() {
-        // 1 s jobs: a job queued behind one that has run 0.6 s starts within half a second;
-        // moving it would only cost round trips.
-        let mut s = two_workers();
-        let t = Instant::now();
-        s.add(serial(1));
-        s.add(serial(2));
-        s.decide(t, None);
-        s.started(1, t);
-        s.started(2, t);
-        run_for(&mut s, 2, t, 1.0);
-        s.add(serial(3));
-        s.add(serial(4));
-        assert_eq!(runs(&s.decide(t, None)), vec![(3, 1, false), (4, 0, true)]);
-        s.started(3, t);
-        run_for(&mut s, 3, t, 1.0);
-        let later = t + Duration::from_millis(600);
-        assert!(s.decide(later, None).is_empty());
-        // Past twice the usual run time, it is taken back.
-        let much_later = t + Duration::from_millis(2100);
-        assert_eq!(
-            s.decide(much_later, None),
-            vec![Action::Reclaim {
-                worker: 0,
-                pks: vec![4]
-            }]
-        );
+    fn a_backlog_about_to_start_stays_and_one_that_would_wait_moves() {
+        // 1 s jobs, 2 workers: job 4 queued on worker 0 behind job 1, worker 1 free.
+        let setup = || {
+            let mut s = two_workers();
+            let t = Instant::now();
+            s.add(serial(1));
+            s.add(serial(2));
+            s.decide(t, None);
+            s.started(1, t);
+            s.started(2, t);
+            run_for(&mut s, 2, t, 1.0);
+            s.add(serial(3));
+            s.add(serial(4));
+            assert_eq!(runs(&s.decide(t, None)), vec![(3, 1, false), (4, 0, true)]);
+            s.started(3, t);
+            run_for(&mut s, 3, t, 1.0);
+            (s, t)
+        };
+        // Job 1 ends in about 0.2 s: moving job 4 would gain little.
+        let (mut s, t) = setup();
+        assert!(s.decide(t + Duration::from_millis(800), None).is_empty());
+        // Job 1 ends in about 0.5 s: job 4 moves to the free worker.
+        let (mut s, t) = setup();
+        let reclaim = vec![Action::Reclaim {
+            worker: 0,
+            pks: vec![4],
+        }];
+        assert_eq!(s.decide(t + Duration::from_millis(500), None), reclaim);
+        // Job 1 runs on, far past its usual time: job 4 moves too.
+        let (mut s, t) = setup();
+        assert!(s.decide(t + Duration::from_millis(1500), None).is_empty());
+        assert_eq!(s.decide(t + Duration::from_millis(2100), None), reclaim);
     }
 
     #[test]
@@ -1080,7 +1100,7 @@ mod tests {
             s.add(serial(pk));
         }
         s.decide(t, None);
-        let later = t + RECLAIM_AFTER * 2;
+        let later = t + Duration::from_secs(1);
         assert!(s
             .decide(later, None)
             .iter()
