@@ -7,7 +7,8 @@
 #
 # Prints, each measured here and now:
 #   - loop:      two threads spawning and waiting for /bin/true in a loop (examples/spawn_baseline),
-#                the ceiling of any task farm on this machine;
+#                the ceiling of any task farm on this machine, run before and after the launcher
+#                (the ratios use the mean; a warning says when the two differ by more than 10%);
 #   - parallel:  GNU parallel -j2 on the same N commands (when installed);
 #   - launcher:  from its start to the last JOB_FINISHED, and from its start to its exit (with the
 #                default idle rules: it leaves as soon as nothing more can arrive), each as jobs/s
@@ -43,8 +44,9 @@ balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 rate() { awk -v n="$1" -v t="$2" 'BEGIN { printf "%.0f", n / t }'; }
 
-# The machine's limit.
-read -r _ loop_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
+# The machine's limit, measured before and after the launcher: the ratios use their mean, and a
+# spread above 10% means the machine was not quiet (other work ran meanwhile).
+read -r _ loop1_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
 
 # GNU parallel on the same commands (optional).
 par_s=""
@@ -60,6 +62,9 @@ t0_us=$(date +%s%6N)
 MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
     2> "$work/launcher.log"
 t1_us=$(date +%s%6N)
+read -r _ loop2_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
+loop_s=$(awk -v a="$loop1_s" -v b="$loop2_s" 'BEGIN { print (a + b) / 2 }')
+spread=$(awk -v a="$loop1_s" -v b="$loop2_s" 'BEGIN { d = a - b; if (d < 0) d = -d; printf "%.0f", 100 * d / ((a + b) / 2) }')
 # Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
 q() { sqlite3 "$BALSAM_DB_PATH/balsamdb.sqlite3" "$1"; }
 finished=$(q "SELECT count(*) FROM jobs WHERE state = 8")
@@ -73,10 +78,13 @@ run_s=$(awk -v a="$first_running" -v b="$last_done" 'BEGIN { print (b - a) / 1e6
 loop_rate=$(rate "$n" "$loop_s")
 
 echo "balsam launcher throughput: $n jobs of /bin/true, 1 master + $workers workers, $(nproc) cores, database in $BENCH_DIR ($fs)"
-printf '  loop (2 threads spawn+wait):      %6.2f s  %5d jobs/s  (the limit)\n' "$loop_s" "$loop_rate"
+printf '  loop (2 threads spawn+wait):      %6.2f s  %5d jobs/s  (the limit; %.2f s before the launcher, %.2f s after)\n' "$loop_s" "$loop_rate" "$loop1_s" "$loop2_s"
 if [ -n "$par_s" ]; then
     printf '  GNU parallel -j2:                 %6.2f s  %5d jobs/s  %s of the loop\n' "$par_s" "$(rate "$n" "$par_s")" "$(ratio "$loop_s" "$par_s")"
 fi
 printf '  launcher, start to last finished: %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$done_s" "$(rate "$n" "$done_s")" "$(ratio "$loop_s" "$done_s")"
 printf '  launcher, start to exit:          %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$exit_s" "$(rate "$n" "$exit_s")" "$(ratio "$loop_s" "$exit_s")"
 printf '  launcher, run phase:              %6.2f s  %5d jobs/s  %s of the loop\n' "$run_s" "$(rate "$n" "$run_s")" "$(ratio "$loop_s" "$run_s")"
+if [ "$spread" -gt 10 ]; then
+    echo "  warning: the two loop runs differ by $spread%: the machine was not quiet; run again" >&2
+fi
