@@ -6,16 +6,14 @@
 #
 #   bash launcher/bench/memory.sh [N]
 #
-# Environment: BENCH_DIR (default /dev/shm when writable, else /tmp), SECONDS_TO_RUN, WORKERS.
+# Environment: BENCH_DIR (default /var/tmp: a disk file system, as at a real site), SECONDS_TO_RUN, WORKERS.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 n="${1:-1200000}"
 run_s="${SECONDS_TO_RUN:-120}"
 workers="${WORKERS:-2}"
-if [ -z "${BENCH_DIR:-}" ]; then
-    if [ -w /dev/shm ]; then BENCH_DIR=/dev/shm; else BENCH_DIR=/tmp; fi
-fi
+BENCH_DIR="${BENCH_DIR:-/var/tmp}"
 work="$(mktemp -d "$BENCH_DIR/balsam-memory.XXXXXX")"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 command -v sqlite3 >/dev/null || { echo "needs sqlite3 (apt-get install sqlite3)" >&2; exit 1; }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use balsam_store::{DbDir, Settings};
+use clap::builder::RangedU64ValueParser;
 
 use crate::error::{Error, Result};
 
@@ -45,26 +46,88 @@ pub struct LaunchOptions {
     pub consume_all: bool,
     /// Stop after T minutes: running jobs become RUN_TIMEOUT, then RESTART_READY [default: the
     /// batch allocation's remaining time minus 2 minutes, else none]
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", value_parser = parse_time_limit_minutes)]
     pub time_limit_minutes: Option<f64>,
     /// Keep running when there is no work, waiting for new jobs
     #[arg(long)]
     pub persistent: bool,
-    /// Threads running job transitions [default: NUM_TRANSITION_THREADS in settings.json]
-    #[arg(long, value_name = "N")]
+    /// Threads running job transitions, 1 to 256 [default: NUM_TRANSITION_THREADS in
+    /// settings.json]
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_TRANSITION_THREADS))]
     pub num_transition_threads: Option<usize>,
-    /// GPUs per node: each packed job gets CUDA_VISIBLE_DEVICES = its slot mod N
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// GPUs per node, 0 to 1024: each packed job gets CUDA_VISIBLE_DEVICES = its slot mod N
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = RangedU64ValueParser::<u32>::new().range(0..=MAX_GPUS_PER_NODE))]
     pub gpus_per_node: u32,
     /// Kill a job running longer than its wall_time_minutes (it becomes RUN_TIMEOUT)
     #[arg(long)]
     pub enforce_wall_time: bool,
-    /// Seconds without work before a launcher without --persistent exits
-    #[arg(long, hide = true, value_name = "S")]
+    /// Seconds an idle launcher without --persistent waits while a service could still bring
+    /// work (it exits at once when nothing can arrive)
+    #[arg(long, hide = true, value_name = "S", value_parser = parse_idle_exit_seconds)]
     pub idle_exit_seconds: Option<f64>,
     /// Seconds between SIGTERM and SIGKILL when the launcher kills a job
-    #[arg(long, hide = true, value_name = "S")]
+    #[arg(long, hide = true, value_name = "S", value_parser = parse_kill_grace_seconds)]
     pub kill_grace_seconds: Option<f64>,
+}
+
+/// Most transition threads.
+pub const MAX_TRANSITION_THREADS: u64 = 256;
+/// Most GPUs per node.
+pub const MAX_GPUS_PER_NODE: u64 = 1024;
+/// Longest time limit, minutes (one year).
+pub const MAX_TIME_LIMIT_MINUTES: f64 = 525_600.0;
+/// Longest idle wait, seconds (one week).
+pub const MAX_IDLE_EXIT_SECONDS: f64 = 604_800.0;
+/// Longest kill grace, seconds (one hour).
+pub const MAX_KILL_GRACE_SECONDS: f64 = 3_600.0;
+
+/// Checks that a numeric option lies in its range; the message names the option and the range.
+fn check_range(flag: &str, v: f64, min: f64, max: f64, unit: &str) -> Result<f64> {
+    if v.is_finite() && v >= min && v <= max {
+        Ok(v)
+    } else {
+        Err(Error::Config(format!(
+            "--{flag} must be a number of {unit} from {min} to {max}, not {v}"
+        )))
+    }
+}
+
+fn parse_number(flag: &str, text: &str, min: f64, max: f64, unit: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a number; give {unit} from {min} to {max}"))?;
+    check_range(flag, v, min, max, unit).map_err(|_| format!("must be {unit} from {min} to {max}"))
+}
+
+fn parse_time_limit_minutes(text: &str) -> Result<f64, String> {
+    parse_number(
+        "time-limit-minutes",
+        text,
+        0.0,
+        MAX_TIME_LIMIT_MINUTES,
+        "minutes",
+    )
+}
+
+fn parse_idle_exit_seconds(text: &str) -> Result<f64, String> {
+    parse_number(
+        "idle-exit-seconds",
+        text,
+        0.0,
+        MAX_IDLE_EXIT_SECONDS,
+        "seconds",
+    )
+}
+
+fn parse_kill_grace_seconds(text: &str) -> Result<f64, String> {
+    parse_number(
+        "kill-grace-seconds",
+        text,
+        0.0,
+        MAX_KILL_GRACE_SECONDS,
+        "seconds",
+    )
 }
 
 impl LaunchOptions {
@@ -142,32 +205,40 @@ impl Config {
         allocation_minutes: Option<u64>,
     ) -> Result<Config> {
         let settings = db.settings()?;
-        let positive = |name: &str, v: f64| -> Result<Duration> {
-            if v.is_finite() && v >= 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(Error::Config(format!(
-                    "--{name} must be a number of at least 0, not {v}"
-                )))
-            }
-        };
         let time_limit = match (opts.time_limit_minutes, allocation_minutes) {
-            (Some(t), _) => Some(positive("time-limit-minutes", t * 60.0)?),
-            (None, Some(m)) => Some(Duration::from_secs(m * 60)),
+            (Some(t), _) => {
+                let t = check_range(
+                    "time-limit-minutes",
+                    t,
+                    0.0,
+                    MAX_TIME_LIMIT_MINUTES,
+                    "minutes",
+                )?;
+                Some(Duration::from_secs_f64(t * 60.0))
+            }
+            (None, Some(m)) => Some(Duration::from_secs(
+                m.min(MAX_TIME_LIMIT_MINUTES as u64) * 60,
+            )),
             (None, None) => None,
         };
-        let idle_exit = positive(
+        let idle_exit = Duration::from_secs_f64(check_range(
             "idle-exit-seconds",
             opts.idle_exit_seconds.unwrap_or(IDLE_EXIT_SECONDS),
-        )?;
-        let kill_grace = positive(
+            0.0,
+            MAX_IDLE_EXIT_SECONDS,
+            "seconds",
+        )?);
+        let kill_grace = Duration::from_secs_f64(check_range(
             "kill-grace-seconds",
             opts.kill_grace_seconds.unwrap_or(KILL_GRACE_SECONDS),
-        )?;
+            0.0,
+            MAX_KILL_GRACE_SECONDS,
+            "seconds",
+        )?);
         let transition_threads = opts
             .num_transition_threads
             .unwrap_or(settings.num_transition_threads)
-            .max(1);
+            .clamp(1, MAX_TRANSITION_THREADS as usize);
         let lease_expiry = Duration::from_secs(settings.lease_expiry_seconds);
         Ok(Config {
             db,
@@ -214,5 +285,40 @@ mod tests {
         let d = Cli::parse_from(["x"]).opts;
         assert_eq!(d.job_mode, JobMode::Mixed);
         assert!(Cli::try_parse_from(["x", "--wf-filter", "a", "--consume-all"]).is_err());
+    }
+
+    #[test]
+    fn numeric_options_have_ranges_and_say_so() {
+        for (flag, bad) in [
+            ("--time-limit-minutes", "1e300"),
+            ("--time-limit-minutes", "-1"),
+            ("--time-limit-minutes", "NaN"),
+            ("--time-limit-minutes", "inf"),
+            ("--kill-grace-seconds", "1e300"),
+            ("--idle-exit-seconds", "1e300"),
+            ("--idle-exit-seconds", "ten"),
+            ("--num-transition-threads", "0"),
+            ("--num-transition-threads", "4294967295"),
+            ("--gpus-per-node", "4294967295"),
+        ] {
+            let arg = format!("{flag}={bad}");
+            let e = Cli::try_parse_from(["x", &arg])
+                .err()
+                .unwrap_or_else(|| panic!("{arg} accepted"));
+            let msg = e.to_string();
+            assert!(msg.contains(flag), "{msg}");
+            assert!(
+                msg.contains(" to ") || msg.contains("..="),
+                "the range is named: {msg}"
+            );
+        }
+        let ok = Cli::parse_from([
+            "x",
+            "--time-limit-minutes",
+            "1",
+            "--kill-grace-seconds",
+            "0",
+        ]);
+        assert_eq!(ok.opts.time_limit_minutes, Some(1.0));
     }
 }

@@ -59,6 +59,10 @@ pub enum Error {
     /// The launcher's configuration is wrong (flags, node lists, launch commands).
     #[error("{0}")]
     Config(String),
+    /// The file system under the database directory cannot be written (full, over quota,
+    /// read-only, not permitted, gone): not the job's fault, it is left as it was.
+    #[error("cannot write job files: {0}")]
+    FileSystem(String),
 }
 
 impl Error {

@@ -175,6 +175,14 @@ impl Engine {
         }
     }
 
+    /// Gives a job back if it has not started: it is dropped from the queue and reported
+    /// finished, not started, with [`KillReason::Reclaimed`]. A running job is left alone.
+    pub fn reclaim(&mut self, pk: i64) {
+        if self.queue.iter().any(|j| j.pk == pk) {
+            self.kill(pk, KillReason::Reclaimed);
+        }
+    }
+
     /// Stops every job, queued or running.
     pub fn kill_all(&mut self, reason: KillReason) {
         let pks: Vec<i64> = self
@@ -496,6 +504,8 @@ pub enum Request {
     Kill(Vec<i64>, KillReason),
     /// Stop every job, queued or running.
     KillAll(KillReason),
+    /// Give back these jobs if they have not started ([`Engine::reclaim`]).
+    Reclaim(Vec<i64>),
 }
 
 /// A process nursery driven from a thread of its own through a channel; every event is
@@ -564,6 +574,7 @@ fn drive(
                 Ok(Request::Run(job)) => nursery.submit(job),
                 Ok(Request::Kill(pks, reason)) => nursery.kill(pks, reason),
                 Ok(Request::KillAll(reason)) => nursery.kill_all(reason),
+                Ok(Request::Reclaim(pks)) => nursery.reclaim(pks),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     open = false;

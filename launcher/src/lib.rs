@@ -4,11 +4,13 @@
 //! Rank 0 ([`master`]) leases runnable jobs through its store thread ([`store_thread`]), farms
 //! serial jobs out to the worker ranks ([`worker`]) over MPI messages ([`messages`]), packing
 //! several per node ([`packing`], [`nodes`]), and starts multi-node jobs itself with the system's
-//! MPI launcher ([`mpirun`]) on nodes it reserves. Processes are started and watched by
-//! [`executor`] through [`process`], inside each rank's process [`nursery`], so that every
-//! process a job starts ends with the job, and with its rank. Everything before and after a
-//! run — parents, stage-in, pre/postprocess, stage-out — is in [`transitions`], which the
-//! service runs too.
+//! MPI launcher ([`mpirun`]) on nodes it reserves. Which job runs where is decided by
+//! [`scheduler`], when an idle launcher leaves by [`idle`], and whether jobs may start at all
+//! (the database and the job files can be written) is tracked in [`health`]; all three are pure
+//! enough to be tested without MPI. Processes are started and watched by [`executor`] through
+//! [`process`], inside each rank's process [`nursery`], so that every process a job starts ends
+//! with the job, and with its rank. Everything before and after a run — parents, stage-in,
+//! pre/postprocess, stage-out — is in [`transitions`], which the service runs too.
 //!
 //! Failures of jobs never stop the launcher; a failure of the launcher (a panic in any rank)
 //! aborts the whole MPI job within seconds, and its leases expire so another launcher finishes
@@ -17,6 +19,8 @@
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod health;
+pub mod idle;
 pub mod jobenv;
 pub mod logging;
 pub mod master;
@@ -26,6 +30,7 @@ pub mod nodes;
 pub mod nursery;
 pub mod packing;
 pub mod process;
+pub mod scheduler;
 pub mod store_thread;
 pub mod transitions;
 pub mod worker;

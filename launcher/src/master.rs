@@ -1,24 +1,23 @@
 //! Rank 0: the MPI loop. Every MPI call of rank 0 happens here, on the main thread, and the loop
-//! never blocks in MPI: it probes, handles what arrived, schedules, and when nothing happened waits
-//! on its channels with a timeout that backs off (so an idle launcher costs almost nothing, and
-//! ranks oversubscribing cores leave them to the jobs).
+//! never blocks in MPI: it probes, handles what arrived, asks the scheduler what to do, does it,
+//! and when nothing happened waits on its channels with a timeout that backs off (so an idle
+//! launcher costs almost nothing, and ranks oversubscribing cores leave them to the jobs).
 //!
-//! - Serial jobs go to worker ranks: a job takes 1/node_packing_count of its node, and a worker
-//!   gets as many as fit plus a small backlog sized by how short the jobs are, so a worker never
-//!   waits for the master between two short jobs. When no worker rank shares rank 0's node (one
-//!   rank per node, as batch templates start it), rank 0 runs serial jobs there itself through a
-//!   local executor that stands in the worker list with rank 0.
-//! - MPI jobs (several nodes or ranks; every job in `--job-mode mpi`) get whole idle nodes,
-//!   reserved while they run; when none are idle the largest waiting job reserves nodes that are
-//!   draining, so a stream of serial work cannot starve it. The runner (an executor on this rank)
-//!   starts the MPI launch command and reports like a worker; at most MAX_CONCURRENT_MPIRUNS run.
-//! - The store thread ([`crate::store_thread`]) does all database work; the master tells it what
-//!   started and ended, and gets runnable jobs, kills and status from it.
-//! - It stops at the time limit, on SIGTERM/SIGINT, when idle without `--persistent`, or when the
-//!   session is lost; running jobs are killed, recorded (RUN_TIMEOUT → RESTART_READY), leases
-//!   released and the session ended before it returns.
+//! The loop decides nothing itself: which job runs where is the [`Scheduler`]'s decision, when to
+//! leave when idle is [`idle::decide_idle`]'s, whether jobs may start is [`Health`]'s. The loop
+//! carries the jobs' data: serial jobs go to worker ranks as [`RunJob`]s in batched messages
+//! (rank 0's own executor stands in the worker list with rank 0 when no worker rank shares its
+//! node), MPI jobs to the runner, an executor that starts the MPI launch command.
+//!
+//! The store thread ([`crate::store_thread`]) does all database work; the loop tells it what
+//! started and ended, and gets runnable jobs, jobs to drop, and what could still arrive from it.
+//!
+//! It stops at the time limit, on SIGTERM/SIGINT, when idle and nothing more can arrive, when the
+//! session is lost or the database is gone; running jobs are killed, recorded (RUN_TIMEOUT →
+//! RESTART_READY), leases released and the session ended before it returns. Results that could
+//! not be written by then make the exit code non-zero ([`EXIT_DATABASE`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +29,8 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 
 use crate::config::{Config, JobMode, LaunchOptions, ALLOCATION_MARGIN_MINUTES};
 use crate::executor::{Event, Executor, ExecutorConfig, Request};
+use crate::health::{Health, Resource};
+use crate::idle::{self, IdleDecision, IdleFacts, IdleRules};
 use crate::jobenv::LauncherContext;
 use crate::logging::LogFile;
 use crate::messages::{
@@ -41,7 +42,8 @@ use crate::nodes::{self, NodeMap};
 use crate::nursery::ScriptNursery;
 use crate::packing;
 use crate::process;
-use crate::store_thread::{self, Class, Demand, FromStore, Runnable, StoreThreadConfig, ToStore};
+use crate::scheduler::{Action, Class, Dropped, JobShape, Place, Scheduler, WorkerSpec};
+use crate::store_thread::{self, Demand, FromStore, Runnable, StoreThreadConfig, ToStore};
 use crate::transitions::TransitionOptions;
 use crate::worker::{send, try_receive};
 
@@ -56,35 +58,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Exit code when the session was lost (its jobs were given to other launchers).
 pub const EXIT_SESSION_LOST: i32 = 3;
-
-struct WorkerState {
-    rank: i32,
-    node: usize,
-    capacity: u64,
-    /// Units of jobs sent and not finished (running or queued on the worker).
-    assigned: u64,
-    /// Jobs sent and not started yet.
-    unstarted: usize,
-    bye: bool,
-}
-
-struct NodeState {
-    name: String,
-    workers: Vec<usize>,
-    reserved_by: Option<i64>,
-}
-
-enum Place {
-    Worker(usize),
-    Runner(Vec<usize>),
-}
-
-struct Active {
-    place: Place,
-    cost: u64,
-    started: bool,
-    kill: Option<KillReason>,
-}
+/// Exit code when the database was gone, or results could not be written to it before the
+/// launcher had to stop (those jobs run again once the session ends or expires).
+pub const EXIT_DATABASE: i32 = 4;
 
 /// Runs rank 0 to the end; returns the process exit code.
 pub fn run(
@@ -160,17 +136,9 @@ fn start<'w>(
     let cfg = Config::resolve(dir.clone(), opts, alloc_minutes)?;
     let started_at = Instant::now();
     let deadline = cfg.time_limit.map(|t| started_at + t);
-    let mut store = Store::open(dir.clone())?;
-    for e in store.expire_sessions(cfg.lease_expiry)? {
-        tracing::warn!(
-            "expired silent launcher session {} ({}:{}): {} running jobs to RESTART_READY",
-            e.session.id,
-            e.session.host,
-            e.session.pid,
-            e.restarted
-        );
-    }
     let host = mpi::environment::processor_name().unwrap_or_else(|_| process::hostname());
+    let mut store = Store::open(dir.clone())?;
+    store_thread::expire_sessions(&mut store, &host, cfg.lease_expiry);
     let batch_job_id = alloc.as_ref().map(|a| a.job_id.clone()).unwrap_or_default();
     let session = store.start_session(&SessionInfo {
         kind: "launcher".into(),
@@ -246,43 +214,27 @@ fn start<'w>(
     tracing::info!("MPI jobs start with {}", mpirun.describe());
 
     // Nodes and workers.
-    let mut node_states: Vec<NodeState> = map
-        .nodes
-        .iter()
-        .map(|n| NodeState {
-            name: n.name.clone(),
-            workers: Vec::new(),
-            reserved_by: None,
-        })
-        .collect();
-    let mut workers: Vec<WorkerState> = Vec::new();
+    let node_names: Vec<String> = map.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut workers: Vec<WorkerSpec> = Vec::new();
     for (ni, n) in map.nodes.iter().enumerate() {
         let share = packing::NODE / n.workers.len().max(1) as u64;
         for r in &n.workers {
-            node_states[ni].workers.push(workers.len());
-            workers.push(WorkerState {
+            workers.push(WorkerSpec {
                 rank: *r,
                 node: ni,
                 capacity: share,
-                assigned: 0,
-                unstarted: 0,
-                bye: false,
             });
         }
     }
     let local = master_node.map(|ni| {
-        node_states[ni].workers.push(workers.len());
-        workers.push(WorkerState {
+        workers.push(WorkerSpec {
             rank: 0,
             node: ni,
             capacity: packing::NODE,
-            assigned: 0,
-            unstarted: 0,
-            bye: false,
         });
         tracing::info!(
             "rank 0 runs serial jobs on its node {} (no worker rank there)",
-            node_states[ni].name
+            node_names[ni]
         );
         Executor::start(ExecutorConfig {
             capacity: packing::NODE,
@@ -344,7 +296,21 @@ fn start<'w>(
             }),
         ),
     };
+    let max_mpiruns = cfg.settings.max_concurrent_mpiruns.max(1);
+    let sched = Scheduler::new(
+        map.nodes.len(),
+        workers,
+        max_mpiruns,
+        serial_filter.is_some(),
+        mpi_filter.is_some(),
+    );
+    // The targets are known before the store thread starts, so its first leases and
+    // handovers already follow them.
     let demand = Arc::new(Demand::default());
+    let (serial_target, mpi_target) = sched.lease_target();
+    demand.set_target(Class::Serial, serial_target);
+    demand.set_target(Class::Mpi, mpi_target);
+    let health = Arc::new(Health::new());
     let launcher_ctx = LauncherContext {
         nodes: total_nodes,
         job_mode: cfg.opts.job_mode.as_str().into(),
@@ -355,6 +321,9 @@ fn start<'w>(
         StoreThreadConfig {
             db: dir.clone(),
             session,
+            host,
+            job_mode: cfg.opts.job_mode,
+            nodes: total_nodes,
             wf_filter: cfg.wf_filter.clone(),
             serial_filter,
             mpi_filter,
@@ -373,6 +342,7 @@ fn start<'w>(
             },
         },
         demand.clone(),
+        health.clone(),
         store_rx,
         to_store.clone(),
         store_tx,
@@ -389,14 +359,12 @@ fn start<'w>(
         world,
         session,
         synthetic: map.synthetic,
-        nodes: node_states,
-        workers,
-        serial_q: VecDeque::new(),
-        mpi_q: Vec::new(),
-        waiting: None,
-        active: HashMap::new(),
-        mpi_running: 0,
-        max_mpiruns: cfg.settings.max_concurrent_mpiruns.max(1),
+        node_names,
+        sched,
+        serial_jobs: HashMap::new(),
+        mpi_jobs: HashMap::new(),
+        unstarted: HashMap::new(),
+        killing: HashMap::new(),
         runner,
         local,
         mpirun,
@@ -404,19 +372,21 @@ fn start<'w>(
         from_store,
         store_handle: Some(handle),
         demand,
+        health,
         deadline,
-        avg_runtime: None,
         outbox: HashMap::new(),
         kills: HashMap::new(),
         started: Vec::new(),
         finished: Vec::new(),
-        has_work: true,
         store_busy: true,
+        idle_facts: None,
         idle_since: None,
+        idle_said: None,
+        said_not_here: false,
         stopping: None,
         stop_began: None,
         finish_sent: false,
-        store_ended: false,
+        store_end: None,
         stats: Stats::default(),
         cfg,
     };
@@ -424,20 +394,48 @@ fn start<'w>(
     Ok(m)
 }
 
+/// Why the launcher stops, and what that means for its running jobs and its exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM/SIGINT: running jobs become RUN_TIMEOUT.
+    Signal,
+    /// The time limit: running jobs become RUN_TIMEOUT.
+    TimeLimit,
+    /// Nothing more to do.
+    Idle,
+    /// The session expired: write nothing, other launchers own the jobs.
+    SessionLost,
+    /// The database file was removed or replaced: nothing can be recorded.
+    DatabaseGone,
+}
+
+impl Stop {
+    fn kill_reason(&self) -> KillReason {
+        match self {
+            Stop::Signal => KillReason::Signal,
+            Stop::TimeLimit => KillReason::TimeLimit,
+            Stop::Idle => KillReason::Exit,
+            Stop::SessionLost | Stop::DatabaseGone => KillReason::SessionLost,
+        }
+    }
+}
+
 struct Master<'w> {
     world: &'w SimpleCommunicator,
     cfg: Config,
     session: i64,
     synthetic: bool,
-    nodes: Vec<NodeState>,
-    workers: Vec<WorkerState>,
-    serial_q: VecDeque<Runnable>,
-    mpi_q: Vec<Runnable>,
-    /// The MPI job that reserved draining nodes, with them.
-    waiting: Option<(Runnable, Vec<usize>)>,
-    active: HashMap<i64, Active>,
-    mpi_running: usize,
-    max_mpiruns: usize,
+    node_names: Vec<String>,
+    /// Which job runs where.
+    sched: Scheduler,
+    /// Serial jobs in hand, not sent yet, ready to send.
+    serial_jobs: HashMap<i64, RunJob>,
+    /// MPI jobs in hand, not started yet.
+    mpi_jobs: HashMap<i64, Runnable>,
+    /// Serial jobs sent and not started: kept to place them again if taken back.
+    unstarted: HashMap<i64, RunJob>,
+    /// Jobs the launcher asked to stop, with why (decides what is recorded).
+    killing: HashMap<i64, KillReason>,
     runner: Executor,
     /// Runs serial jobs on rank 0's node when no worker rank runs there; its worker entry has
     /// rank 0.
@@ -447,20 +445,26 @@ struct Master<'w> {
     from_store: Receiver<FromStore>,
     store_handle: Option<std::thread::JoinHandle<()>>,
     demand: Arc<Demand>,
+    health: Arc<Health>,
     deadline: Option<Instant>,
-    /// Moving average of job run times, seconds.
-    avg_runtime: Option<f64>,
     outbox: HashMap<usize, Vec<RunJob>>,
     kills: HashMap<(usize, KillReason), Vec<i64>>,
     started: Vec<(i64, String)>,
     finished: Vec<JobFinished>,
-    has_work: bool,
+    /// The store thread has writes or transitions in hand.
     store_busy: bool,
+    /// What could still arrive, as the store thread saw it since the launcher became idle.
+    idle_facts: Option<IdleFacts>,
     idle_since: Option<Instant>,
-    stopping: Option<KillReason>,
+    /// The wait last announced (so it is said once).
+    idle_said: Option<String>,
+    /// The runnable jobs this launcher cannot run were named.
+    said_not_here: bool,
+    stopping: Option<Stop>,
     stop_began: Option<Instant>,
     finish_sent: bool,
-    store_ended: bool,
+    /// The store thread ended: with what it could not do, if anything.
+    store_end: Option<Option<String>>,
     stats: Stats,
 }
 
@@ -472,27 +476,15 @@ struct Stats {
     reports: u64,
     run_messages: u64,
     jobs_sent: u64,
-    empty_queue_with_room: u64,
+    reclaims: u64,
 }
 
 impl Master<'_> {
+    /// Tells the store thread how many jobs the launcher wants to hold.
     fn set_targets(&self) {
-        let slots: u64 = self
-            .workers
-            .iter()
-            .map(|w| w.capacity / packing::cost(1).max(1))
-            .sum::<u64>()
-            .max(1);
-        // Enough in hand for every worker's capacity and backlog, and a lease batch big enough
-        // that leasing stays a small cost per job.
-        let serial = if self.workers.is_empty() {
-            0
-        } else {
-            (slots as usize * 64).clamp(512, 4096)
-        };
-        let mpi = (self.nodes.len() * 2).clamp(8, 256);
-        self.demand.serial_target.store(serial, Ordering::Relaxed);
-        self.demand.mpi_target.store(mpi, Ordering::Relaxed);
+        let (serial, mpi) = self.sched.lease_target();
+        self.demand.set_target(Class::Serial, serial);
+        self.demand.set_target(Class::Mpi, mpi);
     }
 
     fn run(&mut self, term: &AtomicBool) -> i32 {
@@ -511,12 +503,13 @@ impl Master<'_> {
             if self.stopping.is_none() {
                 self.check_stop(term);
             }
-            if let Some(reason) = self.stopping {
-                if self.stop_progress(reason) {
+            if self.stopping.is_some() {
+                if self.stop_progress() {
                     break;
                 }
             } else {
                 activity |= self.schedule();
+                self.set_targets();
             }
             self.send_outbox();
             self.send_to_store();
@@ -524,7 +517,7 @@ impl Master<'_> {
                 pause = MIN_PAUSE;
                 continue;
             }
-            let max = if self.active.is_empty() {
+            let max = if self.sched.active() == 0 {
                 IDLE_MAX_PAUSE
             } else {
                 BUSY_MAX_PAUSE
@@ -543,9 +536,48 @@ impl Master<'_> {
             let _ = h.join();
         }
         tracing::info!("loop statistics: {:?}", self.stats);
-        match self.stopping {
-            Some(KillReason::SessionLost) => EXIT_SESSION_LOST,
-            _ => 0,
+        self.exit_code()
+    }
+
+    fn exit_code(&self) -> i32 {
+        let db_file = self.cfg.db.db_file();
+        let fail = |msg: String| {
+            tracing::error!("{msg}");
+            eprintln!("balsam-mpi-launcher: {msg}");
+            EXIT_DATABASE
+        };
+        match &self.stopping {
+            Some(Stop::SessionLost) => return EXIT_SESSION_LOST,
+            Some(Stop::DatabaseGone) => return EXIT_DATABASE,
+            _ => {}
+        }
+        match &self.store_end {
+            Some(Some(problem)) => return fail(problem.clone()),
+            None => {
+                return fail(format!(
+                    "the session could not be ended in the database {} in time; its jobs run again once it expires",
+                    db_file.display()
+                ))
+            }
+            Some(None) => {}
+        }
+        // Stopped from outside while the database or the job files could not be written: say so,
+        // the jobs that could not start are left as they were.
+        let trouble = self
+            .health
+            .trouble(Resource::Database)
+            .or_else(|| self.health.trouble(Resource::JobFiles));
+        let why = match self.stopping {
+            Some(Stop::TimeLimit) => "at the time limit",
+            Some(Stop::Signal) => "by a signal",
+            _ => return 0,
+        };
+        match trouble {
+            Some(t) => fail(format!(
+                "stopped {why} while it {t} (database directory {}); jobs that could not start are left as they were",
+                self.cfg.db.root.display()
+            )),
+            None => 0,
         }
     }
 
@@ -555,25 +587,30 @@ impl Master<'_> {
         let mut any = false;
         while let Some((from, msg)) = try_receive(self.world) {
             any = true;
-            let Some(wi) = self.workers.iter().position(|w| w.rank == from) else {
+            let Some(wi) = self.worker_index(from) else {
                 tracing::warn!("message from unknown rank {from}");
                 continue;
             };
             match msg {
                 Message::Report { started, finished } => {
                     self.stats.reports += 1;
+                    let now = Instant::now();
                     for s in started {
-                        self.job_started(s, Some(wi));
+                        self.job_started(s, Some(wi), now);
                     }
                     for f in finished {
                         self.job_finished(f);
                     }
                 }
-                Message::Bye => self.workers[wi].bye = true,
+                Message::Bye => self.sched.worker_gone(wi),
                 other => tracing::warn!("unexpected message from rank {from}: {other:?}"),
             }
         }
         any
+    }
+
+    fn worker_index(&self, rank: i32) -> Option<usize> {
+        (0..self.sched.workers()).find(|i| self.sched.worker(*i).rank == rank)
     }
 
     fn poll_runner(&mut self) -> bool {
@@ -581,7 +618,7 @@ impl Master<'_> {
         while let Ok(ev) = self.runner.events.try_recv() {
             any = true;
             match ev {
-                Event::Started(s) => self.job_started(s, None),
+                Event::Started(s) => self.job_started(s, None, Instant::now()),
                 Event::Finished(f) => self.job_finished(f),
             }
         }
@@ -594,10 +631,11 @@ impl Master<'_> {
         };
         let events: Vec<Event> = local.events.try_iter().collect();
         let any = !events.is_empty();
-        let wi = self.workers.iter().position(|w| w.rank == 0);
+        let wi = self.worker_index(0);
+        let now = Instant::now();
         for ev in events {
             match ev {
-                Event::Started(s) => self.job_started(s, wi),
+                Event::Started(s) => self.job_started(s, wi, now),
                 Event::Finished(f) => self.job_finished(f),
             }
         }
@@ -611,90 +649,108 @@ impl Master<'_> {
                 FromStore::Runnable(jobs) => {
                     any = true;
                     for r in jobs {
-                        match r.class {
-                            Class::Serial => self.serial_q.push_back(r),
-                            Class::Mpi => self.mpi_q.push(r),
-                        }
+                        self.job_in_hand(r);
                     }
-                    // Largest first (legacy), then oldest.
-                    self.mpi_q
-                        .sort_by_key(|r| (std::cmp::Reverse(nodes_needed(r)), r.job.pk));
                 }
-                FromStore::Kill(pks) | FromStore::Conflict(pks) => {
+                FromStore::Drop(pks) => {
                     any = true;
                     for pk in pks {
                         self.kill_job(pk, KillReason::User);
                     }
                 }
-                FromStore::Status { has_work, busy } => {
-                    self.has_work = has_work;
+                FromStore::Status { busy, idle } => {
                     self.store_busy = busy;
+                    if self.sched.is_idle() {
+                        self.idle_facts = idle;
+                    }
                 }
                 FromStore::SessionLost => {
                     any = true;
-                    if self.stopping != Some(KillReason::SessionLost) {
+                    if self.stopping != Some(Stop::SessionLost) {
                         tracing::error!(
                             "session {} lost: killing every job and stopping",
                             self.session
                         );
-                        self.begin_stop(KillReason::SessionLost);
+                        self.begin_stop(Stop::SessionLost);
                     }
                 }
-                FromStore::Ended => self.store_ended = true,
+                FromStore::DatabaseGone(why) => {
+                    any = true;
+                    if self.stopping != Some(Stop::DatabaseGone) {
+                        let msg = format!(
+                            "the database {} is gone ({why}): nothing can be recorded; killing every job and stopping",
+                            self.cfg.db.db_file().display()
+                        );
+                        tracing::error!("{msg}");
+                        eprintln!("balsam-mpi-launcher: {msg}");
+                        self.begin_stop(Stop::DatabaseGone);
+                    }
+                }
+                FromStore::Ended { problem } => self.store_end = Some(problem),
             }
         }
         any
     }
 
-    fn job_started(&mut self, s: JobStarted, worker: Option<usize>) {
+    /// A runnable job leased for this launcher.
+    fn job_in_hand(&mut self, r: Runnable) {
+        let shape = JobShape::of(&r.job, r.class);
+        self.sched.add(shape);
+        match r.class {
+            Class::Serial => {
+                let job = self.run_job(r, shape.cost);
+                self.serial_jobs.insert(shape.pk, job);
+            }
+            Class::Mpi => {
+                self.mpi_jobs.insert(shape.pk, r);
+            }
+        }
+    }
+
+    fn job_started(&mut self, s: JobStarted, worker: Option<usize>, now: Instant) {
+        self.sched.started(s.pk, now);
+        self.unstarted.remove(&s.pk);
+        self.health.ok(Resource::JobFiles);
         let place = match worker {
             Some(wi) => {
-                let w = &mut self.workers[wi];
-                w.unstarted = w.unstarted.saturating_sub(1);
+                let w = self.sched.worker(wi);
                 format!(
                     "on {} (rank {}, pid {}, slot {})",
-                    self.nodes[w.node].name, w.rank, s.pid, s.slot
+                    self.node_names[w.node], w.rank, s.pid, s.slot
                 )
             }
             None => format!("MPI launch, pid {}", s.pid),
         };
-        if let Some(a) = self.active.get_mut(&s.pk) {
-            a.started = true;
-        }
         self.started.push((s.pk, place));
     }
 
     fn job_finished(&mut self, mut f: JobFinished) {
-        let Some(a) = self.active.remove(&f.pk) else {
+        if f.killed == Some(KillReason::Reclaimed) && !f.started {
+            // Taken back before it started: placed again.
+            if let Some(job) = self.unstarted.remove(&f.pk) {
+                if self.sched.reclaimed(f.pk) {
+                    self.serial_jobs.insert(f.pk, job);
+                    return;
+                }
+            }
+        }
+        self.unstarted.remove(&f.pk);
+        let ran_for = f.started.then(|| Duration::from_millis(f.elapsed_ms));
+        let Some(place) = self.sched.finished(f.pk, ran_for) else {
             return;
         };
-        match &a.place {
-            Place::Worker(wi) => {
-                let w = &mut self.workers[*wi];
-                w.assigned = w.assigned.saturating_sub(a.cost);
-                if !f.started {
-                    w.unstarted = w.unstarted.saturating_sub(1);
-                }
-            }
-            Place::Runner(nodes) => {
-                self.mpi_running = self.mpi_running.saturating_sub(1);
-                for n in nodes {
-                    if self.nodes[*n].reserved_by == Some(f.pk) {
-                        self.nodes[*n].reserved_by = None;
-                    }
-                }
-            }
-        }
-        if f.started {
-            let secs = (f.elapsed_ms as f64 / 1000.0).max(0.0005);
-            self.avg_runtime = Some(match self.avg_runtime {
-                None => secs,
-                Some(a) => a * 0.9 + secs * 0.1,
-            });
+        let class = match place {
+            Place::Worker(_) => Class::Serial,
+            Place::Nodes(_) => Class::Mpi,
+        };
+        self.demand.let_go(class, 1);
+        if let ExitStatus::Infrastructure(why) = &f.status {
+            self.health.failed(Resource::JobFiles, why, Instant::now());
         }
         // A kill the master asked for decides what is recorded, unless the job got to exit 0.
-        if f.killed.is_none() && a.kill.is_some() && !f.status.success() {
-            f.killed = a.kill;
+        let asked = self.killing.remove(&f.pk);
+        if f.killed.is_none() && asked.is_some() && !f.status.success() {
+            f.killed = asked;
         }
         // A batch system ending the allocation (Slurm's time limit) signals every process in it,
         // the jobs as well as the launcher: a job that died after the launcher got its signal
@@ -702,7 +758,7 @@ impl Master<'_> {
         if f.killed.is_none()
             && f.started
             && !f.status.success()
-            && self.stopping == Some(KillReason::Signal)
+            && self.stopping == Some(Stop::Signal)
         {
             f.killed = Some(KillReason::Signal);
         }
@@ -711,109 +767,75 @@ impl Master<'_> {
 
     // ---- scheduling ----
 
-    fn fits_time(&self, r: &Runnable) -> bool {
-        match self.deadline {
-            None => true,
-            Some(d) => {
-                u64::from(r.job.spec.wall_time_minutes) * 60
-                    <= d.saturating_duration_since(Instant::now()).as_secs()
-            }
-        }
-    }
-
     fn schedule(&mut self) -> bool {
-        let mut any = self.schedule_mpi();
-        any |= self.schedule_serial();
+        let now = Instant::now();
+        if !self.health.may_start_jobs(now) {
+            return false;
+        }
+        let time_left = self.deadline.map(|d| d.saturating_duration_since(now));
+        let actions = self.sched.decide(now, time_left);
+        let any = !actions.is_empty();
+        for a in actions {
+            self.act(a);
+        }
         any
     }
 
-    fn schedule_serial(&mut self) -> bool {
-        let mut any = false;
-        if self.serial_q.is_empty() && self.workers.iter().any(|w| w.unstarted == 0 && !w.bye) {
-            self.stats.empty_queue_with_room += 1;
-        }
-        let mut dropped = Vec::new();
-        while let Some(front) = self.serial_q.front() {
-            if !self.fits_time(front) {
-                let r = self.serial_q.pop_front().expect("front exists");
-                dropped.push(r.job.pk);
-                continue;
-            }
-            let cost = packing::cost(front.job.spec.node_packing_count);
-            let Some(wi) = self.pick_worker(cost) else {
-                break;
-            };
-            self.stats.jobs_sent += 1;
-            let r = self.serial_q.pop_front().expect("front exists");
-            self.demand.taken(Class::Serial, 1);
-            let w = &mut self.workers[wi];
-            w.assigned += cost;
-            w.unstarted += 1;
-            self.active.insert(
-                r.job.pk,
-                Active {
-                    place: Place::Worker(wi),
-                    cost,
-                    started: false,
-                    kill: None,
-                },
-            );
-            let job = self.run_job(r, cost);
-            if self.workers[wi].rank == 0 {
-                if let Some(local) = &self.local {
-                    local.send(Request::Run(job));
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::Run { pk, worker, .. } => {
+                let Some(job) = self.serial_jobs.remove(&pk) else {
+                    return;
+                };
+                self.stats.jobs_sent += 1;
+                if self.sched.worker(worker).rank == 0 {
+                    if let Some(local) = &self.local {
+                        local.send(Request::Run(job.clone()));
+                    }
+                    self.unstarted.insert(pk, job);
+                    return;
                 }
-                any = true;
-                continue;
+                let out = self.outbox.entry(worker).or_default();
+                out.push(job);
+                if out.len() >= MAX_JOBS_PER_MESSAGE {
+                    self.flush_outbox(worker);
+                }
             }
-            let out = self.outbox.entry(wi).or_default();
-            out.push(job);
-            if out.len() >= MAX_JOBS_PER_MESSAGE {
-                let jobs = std::mem::take(out);
-                self.stats.run_messages += 1;
-                send(self.world, self.workers[wi].rank, &Message::Run(jobs));
+            Action::Launch { pk, nodes } => {
+                if let Some(r) = self.mpi_jobs.remove(&pk) {
+                    self.launch_mpi(r, nodes);
+                }
             }
-            any = true;
+            Action::Reserve { .. } => tracing::debug!("{a}"),
+            Action::Reclaim { worker, ref pks } => {
+                tracing::info!("{a}");
+                self.stats.reclaims += 1;
+                let rank = self.sched.worker(worker).rank;
+                // Jobs still in the outbox have not left: the worker gets them, then the reclaim.
+                self.flush_outbox(worker);
+                if rank == 0 {
+                    if let Some(local) = &self.local {
+                        local.send(Request::Reclaim(pks.clone()));
+                    }
+                } else {
+                    send(self.world, rank, &Message::Reclaim { pks: pks.clone() });
+                }
+            }
+            Action::Release { ref pks, .. } => {
+                tracing::info!("{a}");
+                let mut n = [0usize; 2];
+                for pk in pks {
+                    if self.serial_jobs.remove(pk).is_some() {
+                        n[0] += 1;
+                    } else if self.mpi_jobs.remove(pk).is_some() {
+                        n[1] += 1;
+                    }
+                }
+                self.demand.let_go(Class::Serial, n[0]);
+                self.demand.let_go(Class::Mpi, n[1]);
+                let _ = self.to_store.send(ToStore::Release(pks.clone()));
+            }
         }
-        if !dropped.is_empty() {
-            self.demand.taken(Class::Serial, dropped.len());
-            tracing::info!(
-                "{} jobs cannot finish before the time limit; released",
-                dropped.len()
-            );
-            let _ = self.to_store.send(ToStore::Release(dropped));
-        }
-        any
-    }
-
-    /// The worker with room for `cost` now, least loaded first; else the one with the shortest
-    /// backlog of jobs not yet started, below its prefetch limit.
-    fn pick_worker(&self, cost: u64) -> Option<usize> {
-        let eligible = |w: &&WorkerState| !w.bye && self.nodes[w.node].reserved_by.is_none();
-        let now = self
-            .workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| eligible(w) && w.assigned + cost.min(w.capacity) <= w.capacity)
-            .min_by_key(|(_, w)| w.assigned * 1000 / w.capacity.max(1));
-        if let Some((i, _)) = now {
-            return Some(i);
-        }
-        // Backlog per slot: one job at least (the next starts the moment one ends, without a
-        // round trip to the master), more for short jobs (50 ms of work), at most 64.
-        let per_slot = match self.avg_runtime {
-            Some(a) => (0.05 / a).ceil().clamp(1.0, 64.0) as usize,
-            None => 1,
-        };
-        self.workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| {
-                let slots = (w.capacity / cost.max(1)).max(1) as usize;
-                eligible(w) && w.unstarted < (per_slot * slots).min(256)
-            })
-            .min_by_key(|(_, w)| w.unstarted)
-            .map(|(i, _)| i)
     }
 
     fn run_job(&self, r: Runnable, cost: u64) -> RunJob {
@@ -834,109 +856,14 @@ impl Master<'_> {
         }
     }
 
-    fn node_idle(&self, n: usize) -> bool {
-        let node = &self.nodes[n];
-        node.reserved_by.is_none() && node.workers.iter().all(|w| self.workers[*w].assigned == 0)
-    }
-
-    fn schedule_mpi(&mut self) -> bool {
-        let mut any = false;
-        // The waiting job starts once its reserved nodes drained.
-        if let Some((r, nodes)) = self.waiting.take() {
-            let drained = nodes.iter().all(|n| {
-                self.nodes[*n]
-                    .workers
-                    .iter()
-                    .all(|w| self.workers[*w].assigned == 0)
-            });
-            if drained && self.mpi_running < self.max_mpiruns {
-                self.launch_mpi(r, nodes);
-                any = true;
-            } else {
-                self.waiting = Some((r, nodes));
-            }
-        }
-        let mut i = 0;
-        let mut dropped = Vec::new();
-        while i < self.mpi_q.len() && self.mpi_running < self.max_mpiruns {
-            if !self.fits_time(&self.mpi_q[i]) {
-                dropped.push(self.mpi_q.remove(i).job.pk);
-                continue;
-            }
-            let need = nodes_needed(&self.mpi_q[i]);
-            if need > self.nodes.len() {
-                // The lease filter keeps these out; a job changed meanwhile is given back.
-                dropped.push(self.mpi_q.remove(i).job.pk);
-                continue;
-            }
-            let idle: Vec<usize> = (0..self.nodes.len())
-                .filter(|n| self.node_idle(*n))
-                .collect();
-            if idle.len() >= need {
-                let r = self.mpi_q.remove(i);
-                self.demand.taken(Class::Mpi, 1);
-                self.launch_mpi(r, idle[..need].to_vec());
-                any = true;
-                continue;
-            }
-            if self.waiting.is_none() {
-                // Reserve the least loaded unreserved nodes; they drain, then it starts.
-                let mut free: Vec<usize> = (0..self.nodes.len())
-                    .filter(|n| self.nodes[*n].reserved_by.is_none())
-                    .collect();
-                if free.len() >= need {
-                    free.sort_by_key(|n| {
-                        self.nodes[*n]
-                            .workers
-                            .iter()
-                            .map(|w| self.workers[*w].assigned)
-                            .sum::<u64>()
-                    });
-                    let chosen = free[..need].to_vec();
-                    let r = self.mpi_q.remove(i);
-                    self.demand.taken(Class::Mpi, 1);
-                    for n in &chosen {
-                        self.nodes[*n].reserved_by = Some(r.job.pk);
-                    }
-                    tracing::debug!(
-                        "{}: reserved {need} nodes, waiting for them to drain",
-                        r.job.cute_id()
-                    );
-                    self.waiting = Some((r, chosen));
-                    any = true;
-                    continue;
-                }
-            }
-            i += 1;
-        }
-        if !dropped.is_empty() {
-            self.demand.taken(Class::Mpi, dropped.len());
-            let _ = self.to_store.send(ToStore::Release(dropped));
-        }
-        any
-    }
-
     fn launch_mpi(&mut self, r: Runnable, nodes: Vec<usize>) {
         let pk = r.job.pk;
-        for n in &nodes {
-            self.nodes[*n].reserved_by = Some(pk);
-        }
         // Synthetic nodes are all this machine: the MPI launcher places the ranks itself.
         let hosts: Vec<String> = if self.synthetic {
             Vec::new()
         } else {
-            nodes.iter().map(|n| self.nodes[*n].name.clone()).collect()
+            nodes.iter().map(|n| self.node_names[*n].clone()).collect()
         };
-        self.mpi_running += 1;
-        self.active.insert(
-            pk,
-            Active {
-                place: Place::Runner(nodes),
-                cost: 0,
-                started: false,
-                kill: None,
-            },
-        );
         match self.mpirun.command(&r.job, &r.argv, &hosts, &r.env) {
             Ok(argv) => {
                 tracing::info!("{}: {}", r.job.cute_id(), shell_words::join(&argv));
@@ -958,55 +885,67 @@ impl Master<'_> {
         }
     }
 
+    /// Stops a job wherever it is: out of the queue (its lease given back), or killed where it
+    /// runs. `reason` decides what is recorded when it ends.
     fn kill_job(&mut self, pk: i64, reason: KillReason) {
-        if let Some(i) = self.serial_q.iter().position(|r| r.job.pk == pk) {
-            self.serial_q.remove(i);
-            self.demand.taken(Class::Serial, 1);
-            return;
-        }
-        if let Some(i) = self.mpi_q.iter().position(|r| r.job.pk == pk) {
-            self.mpi_q.remove(i);
-            self.demand.taken(Class::Mpi, 1);
-            return;
-        }
-        if self.waiting.as_ref().is_some_and(|(r, _)| r.job.pk == pk) {
-            let (_, nodes) = self.waiting.take().expect("checked");
-            for n in nodes {
-                self.nodes[n].reserved_by = None;
+        match self.sched.drop_job(pk) {
+            Dropped::Queued => {
+                let class = if self.serial_jobs.remove(&pk).is_some() {
+                    Class::Serial
+                } else {
+                    self.mpi_jobs.remove(&pk);
+                    Class::Mpi
+                };
+                self.demand.let_go(class, 1);
+                let _ = self.to_store.send(ToStore::Release(vec![pk]));
             }
-            return;
-        }
-        let Some(a) = self.active.get_mut(&pk) else {
-            return;
-        };
-        if a.kill.is_some() {
-            return;
-        }
-        a.kill = Some(reason);
-        match &a.place {
-            Place::Worker(wi) if self.workers[*wi].rank == 0 => {
-                if let Some(local) = &self.local {
-                    local.send(Request::Kill(vec![pk], reason));
+            Dropped::Sent { place, .. } => {
+                if self.killing.contains_key(&pk) {
+                    return;
+                }
+                self.killing.insert(pk, reason);
+                match place {
+                    Place::Worker(wi) if self.sched.worker(wi).rank == 0 => {
+                        if let Some(local) = &self.local {
+                            local.send(Request::Kill(vec![pk], reason));
+                        }
+                    }
+                    Place::Worker(wi) => {
+                        // A job still in the outbox leaves first, so the worker knows it.
+                        self.kills.entry((wi, reason)).or_default().push(pk)
+                    }
+                    Place::Nodes(_) => self.runner.send(Request::Kill(vec![pk], reason)),
                 }
             }
-            Place::Worker(wi) => self.kills.entry((*wi, reason)).or_default().push(pk),
-            Place::Runner(_) => self.runner.send(Request::Kill(vec![pk], reason)),
+            Dropped::Unknown => {}
         }
     }
 
     // ---- outputs ----
 
-    fn send_outbox(&mut self) {
-        for (wi, jobs) in self.outbox.drain() {
-            if !jobs.is_empty() {
-                self.stats.run_messages += 1;
-                send(self.world, self.workers[wi].rank, &Message::Run(jobs));
+    fn flush_outbox(&mut self, wi: usize) {
+        let Some(jobs) = self.outbox.remove(&wi).filter(|j| !j.is_empty()) else {
+            return;
+        };
+        self.stats.run_messages += 1;
+        let msg = Message::Run(jobs);
+        send(self.world, self.sched.worker(wi).rank, &msg);
+        if let Message::Run(jobs) = msg {
+            for j in jobs {
+                self.unstarted.insert(j.pk, j);
             }
+        }
+    }
+
+    fn send_outbox(&mut self) {
+        let workers: Vec<usize> = self.outbox.keys().copied().collect();
+        for wi in workers {
+            self.flush_outbox(wi);
         }
         for ((wi, reason), pks) in self.kills.drain() {
             send(
                 self.world,
-                self.workers[wi].rank,
+                self.sched.worker(wi).rank,
                 &Message::Kill { pks, reason },
             );
         }
@@ -1030,81 +969,95 @@ impl Master<'_> {
     fn check_stop(&mut self, term: &AtomicBool) {
         if term.load(Ordering::Relaxed) {
             tracing::warn!("signal received: stopping; running jobs become RUN_TIMEOUT");
-            return self.begin_stop(KillReason::Signal);
+            return self.begin_stop(Stop::Signal);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             tracing::info!("time limit reached: stopping; running jobs become RUN_TIMEOUT");
-            return self.begin_stop(KillReason::TimeLimit);
+            return self.begin_stop(Stop::TimeLimit);
         }
-        let idle = self.active.is_empty()
-            && self.serial_q.is_empty()
-            && self.mpi_q.is_empty()
-            && self.waiting.is_none()
-            && !self.store_busy;
-        if !idle || self.cfg.opts.persistent {
+        if !self.sched.is_idle() || self.store_busy {
             self.idle_since = None;
+            self.idle_facts = None;
+            self.idle_said = None;
             return;
         }
         let since = *self.idle_since.get_or_insert_with(Instant::now);
-        let waited = since.elapsed();
-        if !self.has_work && waited >= self.cfg.idle_exit {
-            tracing::info!("no work left for this launcher: exiting");
-            self.begin_stop(KillReason::Exit);
-        } else if waited >= (self.cfg.idle_exit * 5).max(Duration::from_secs(10)) {
-            tracing::warn!(
-                "jobs remain but none this launcher can run (too many nodes, too long, or waiting for other launchers) for {} s: exiting",
-                waited.as_secs()
-            );
-            self.begin_stop(KillReason::Exit);
+        let Some(facts) = &self.idle_facts else {
+            // The store thread's view of what could arrive comes with its next status.
+            return;
+        };
+        let rules = IdleRules {
+            persistent: self.cfg.opts.persistent,
+            idle_exit: self.cfg.idle_exit,
+            lease_expiry: self.cfg.lease_expiry,
+        };
+        if !facts.not_here.is_empty() && !self.said_not_here {
+            self.said_not_here = true;
+            let lines = facts.not_here.join("\n  ");
+            tracing::warn!("runnable jobs this launcher cannot run:\n  {lines}");
+            eprintln!("balsam-mpi-launcher: runnable jobs this launcher cannot run:\n  {lines}");
+        }
+        match idle::decide_idle(facts, since.elapsed(), &rules) {
+            IdleDecision::Exit { why } => {
+                tracing::info!("{why}: exiting");
+                self.begin_stop(Stop::Idle);
+            }
+            IdleDecision::Wait { why, kind, .. } => {
+                if self.idle_said.as_ref() != Some(&kind.to_string()) {
+                    if kind.tell_user() {
+                        tracing::info!("idle: {why}");
+                        eprintln!("balsam-mpi-launcher: idle: {why}");
+                    } else {
+                        tracing::debug!("idle: {why}");
+                    }
+                    self.idle_said = Some(kind.to_string());
+                }
+            }
         }
     }
 
-    fn begin_stop(&mut self, reason: KillReason) {
-        self.stopping = Some(reason);
+    fn begin_stop(&mut self, stop: Stop) {
+        let reason = stop.kill_reason();
+        self.stopping = Some(stop.clone());
         self.stop_began = Some(Instant::now());
         let _ = self.to_store.send(ToStore::Draining);
-        let mut unstarted: Vec<i64> = self.serial_q.drain(..).map(|r| r.job.pk).collect();
-        unstarted.extend(self.mpi_q.drain(..).map(|r| r.job.pk));
-        if let Some((r, _)) = self.waiting.take() {
-            unstarted.push(r.job.pk);
+        let unstarted = self.sched.drain();
+        for pk in &unstarted {
+            self.serial_jobs.remove(pk);
+            self.mpi_jobs.remove(pk);
         }
         if !unstarted.is_empty() && reason != KillReason::SessionLost {
             let _ = self.to_store.send(ToStore::Release(unstarted));
         }
-        for w in &mut self.workers {
+        if let Some(local) = &self.local {
+            // Rank 0's own jobs end through its executor; their reports still arrive.
+            local.send(Request::KillAll(reason));
+        }
+        for wi in 0..self.sched.workers() {
+            let w = self.sched.worker(wi);
             if w.rank == 0 {
-                // Rank 0's own jobs end through its executor; their reports still arrive.
-                if let Some(local) = &self.local {
-                    local.send(Request::KillAll(reason));
-                }
-                w.bye = true;
-            } else if !w.bye {
+                self.sched.worker_gone(wi);
+            } else if !self.sched.is_gone(wi) {
+                self.flush_outbox(wi);
                 send(self.world, w.rank, &Message::Shutdown { reason });
             }
         }
-        let running: Vec<i64> = self
-            .active
-            .iter()
-            .filter(|(_, a)| matches!(a.place, Place::Runner(_)))
-            .map(|(pk, _)| *pk)
-            .collect();
+        let running = self.sched.on_nodes();
         if !running.is_empty() {
             tracing::info!("killing {} MPI jobs", running.len());
         }
         for pk in running {
-            if let Some(a) = self.active.get_mut(&pk) {
-                a.kill.get_or_insert(reason);
-            }
+            self.killing.entry(pk).or_insert(reason);
         }
         self.runner.send(Request::KillAll(reason));
     }
 
     /// True when everything is done.
-    fn stop_progress(&mut self, _reason: KillReason) -> bool {
+    fn stop_progress(&mut self) -> bool {
         let began = *self.stop_began.get_or_insert_with(Instant::now);
         if !self.finish_sent {
-            let workers_done = self.workers.iter().all(|w| w.bye);
-            let jobs_done = self.active.is_empty();
+            let workers_done = self.sched.all_workers_gone();
+            let jobs_done = self.sched.active() == 0;
             let overdue = began.elapsed() > self.cfg.kill_grace + Duration::from_secs(20);
             let done = workers_done && jobs_done;
             if !done && !overdue {
@@ -1112,9 +1065,8 @@ impl Master<'_> {
             }
             if !done {
                 tracing::error!(
-                    "{} jobs and {} workers did not finish stopping in time; ending the session anyway",
-                    self.active.len(),
-                    self.workers.iter().filter(|w| !w.bye).count()
+                    "{} jobs and some workers did not finish stopping in time; ending the session anyway",
+                    self.sched.active(),
                 );
             }
             self.send_to_store();
@@ -1122,10 +1074,7 @@ impl Master<'_> {
             self.finish_sent = true;
         }
         // The store thread gets its time to write and end the session.
-        self.store_ended || began.elapsed() > self.cfg.kill_grace + Duration::from_secs(90)
+        self.store_end.is_some()
+            || began.elapsed() > self.cfg.kill_grace + store_thread::FINISH_PATIENCE * 2
     }
-}
-
-fn nodes_needed(r: &Runnable) -> usize {
-    (r.job.spec.num_nodes.max(1) + r.job.spec.coschedule_num_nodes) as usize
 }

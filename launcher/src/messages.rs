@@ -55,6 +55,13 @@ pub enum Message {
         /// Why, so the master knows what to record.
         reason: KillReason,
     },
+    /// Master → worker: give these jobs back if they have not started (the master places them
+    /// elsewhere). Each one still queued is dropped and reported finished, not started, with
+    /// [`KillReason::Reclaimed`]; one that started meanwhile runs on as if nothing was asked.
+    Reclaim {
+        /// The jobs' row numbers.
+        pks: Vec<i64>,
+    },
     /// Master → worker: kill everything still running for `reason`, report, say [`Message::Bye`]
     /// and exit.
     Shutdown {
@@ -192,6 +199,9 @@ pub enum KillReason {
     SessionLost,
     /// The launcher is leaving for another reason (idle exit, startup failure): nothing runs.
     Exit,
+    /// The master took a job back before it started, to run it elsewhere ([`Message::Reclaim`]):
+    /// nothing happened to it.
+    Reclaimed,
 }
 
 /// A job's process ended (or the job was dropped before it started).
@@ -297,6 +307,7 @@ mod tests {
                 pks: vec![1, 2],
                 reason: KillReason::WallTime,
             },
+            Message::Reclaim { pks: vec![3] },
             Message::Shutdown {
                 reason: KillReason::TimeLimit,
             },

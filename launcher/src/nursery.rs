@@ -79,6 +79,8 @@ enum ToNursery {
     Kill(Vec<i64>, KillReason),
     /// Stop every job.
     KillAll(KillReason),
+    /// Give these jobs back if they have not started ([`crate::executor::Engine::reclaim`]).
+    Reclaim(Vec<i64>),
 }
 
 /// Nursery → rank: what happened since the last frame.
@@ -284,6 +286,14 @@ impl Nursery {
     pub fn kill(&mut self, pks: Vec<i64>, reason: KillReason) {
         if !pks.is_empty() {
             self.push(&ToNursery::Kill(pks, reason));
+        }
+    }
+
+    /// Gives jobs back if they have not started: each one still queued is dropped and reported
+    /// finished, not started, with [`KillReason::Reclaimed`]; one that started runs on.
+    pub fn reclaim(&mut self, pks: Vec<i64>) {
+        if !pks.is_empty() {
+            self.push(&ToNursery::Reclaim(pks));
         }
     }
 
@@ -639,6 +649,7 @@ impl Served {
                 ToNursery::Run(job) => e.submit(job),
                 ToNursery::Kill(pks, reason) => pks.into_iter().for_each(|pk| e.kill(pk, reason)),
                 ToNursery::KillAll(reason) => e.kill_all(reason),
+                ToNursery::Reclaim(pks) => pks.into_iter().for_each(|pk| e.reclaim(pk)),
                 ToNursery::Setup(_) => {}
             }
         }

@@ -8,11 +8,17 @@
 //! - Hands jobs that need scripts after their run to the transition pool, lease kept.
 //! - Heartbeats the session; if the session was expired meanwhile, it stops writing at once and
 //!   tells the master, which kills everything: the jobs belong to other launchers now.
-//! - Polls for jobs users killed (`balsam killjob`) at least once a second, and notes in each
-//!   one's history when its process died.
-//! - Expires other launchers' dead sessions, so their jobs are run again.
+//! - Polls for jobs users killed, removed or changed while this launcher holds them, at least
+//!   once a second, and has the master stop them (one log line each; nothing is written for them
+//!   but, for a job its user killed, a note in its history of when its process died).
+//! - Expires other launchers' dead sessions, so their jobs are run again: at once those of
+//!   launchers on this host whose process is gone, the others when silent for
+//!   LEASE_EXPIRY_SECONDS.
+//! - When the database cannot be written, keeps every result and retries with backoff (see
+//!   [`crate::health`]); a write that fails for one job alone drops that job, not the others.
+//! - When it holds nothing, tells the master what could still arrive (see [`crate::idle`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,21 +27,16 @@ use std::time::{Duration, Instant};
 use balsam_store::{DbDir, Job, LeaseFilter, LeaseGroup, Outcome, State, Store, Transition};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::health::{self, Health, Resource};
+use crate::idle::{explain_not_here, Capabilities, IdleFacts, OtherSession};
 use crate::jobenv::{job_environment, LauncherContext};
 use crate::messages::{ExitStatus, JobFinished};
 use crate::process;
+pub use crate::scheduler::Class;
+use crate::scheduler::{fits_time, max_wall_minutes};
 use crate::transitions::{
     after_run, AppCache, Handover, RunResult, TransitionOptions, TransitionPool,
 };
-
-/// How a runnable job is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// On a worker rank, packed with others on its node.
-    Serial,
-    /// Through the MPI launcher on reserved nodes.
-    Mpi,
-}
 
 /// A leased runnable job, ready to start.
 #[derive(Debug, Clone)]
@@ -78,57 +79,104 @@ pub enum ToStore {
 pub enum FromStore {
     /// Jobs to run.
     Runnable(Vec<Runnable>),
-    /// Jobs users killed: stop their processes, write nothing for them.
-    Kill(Vec<i64>),
-    /// Jobs whose RUNNING could not be written (a user changed them first): stop them.
-    Conflict(Vec<i64>),
-    /// Whether work remains for this launcher's filter anywhere, and whether the store thread
-    /// or the transitions still have work in hand.
+    /// Jobs a user killed, removed or changed while this launcher held them: stop them where
+    /// they run, write nothing for them (the store thread logged why).
+    Drop(Vec<i64>),
+    /// Whether the store thread or the transitions have work in hand, and, when the store thread
+    /// holds nothing, what could still arrive for this launcher.
     Status {
-        /// `has_work` of the store.
-        has_work: bool,
         /// Writes pending or transitions in flight.
         busy: bool,
+        /// What could still arrive (only when nothing is held).
+        idle: Option<IdleFacts>,
     },
     /// The session expired: stop everything, write nothing.
     SessionLost,
-    /// The session has ended; the thread exits.
-    Ended,
+    /// The database file was removed or replaced: nothing can be recorded any more.
+    DatabaseGone(String),
+    /// The session has ended (or could not be, or results could not be written: `problem`
+    /// says what); the thread exits.
+    Ended {
+        /// What went wrong, in words for the user; None when all was written.
+        problem: Option<String>,
+    },
 }
 
-/// How many runnable jobs the master holds and wants, per class. The master decrements as it
-/// starts jobs; the store thread increments as it delivers.
+/// How many runnable jobs the launcher holds and wants, per class. The store thread counts the
+/// jobs it delivers; the master counts those it lets go of (ended, given back, dropped) and sets
+/// the targets from its scheduler ([`crate::scheduler::Scheduler::lease_target`]).
 #[derive(Debug, Default)]
 pub struct Demand {
-    /// Serial jobs delivered and not started.
-    pub serial_queued: AtomicUsize,
-    /// MPI jobs delivered and not started.
-    pub mpi_queued: AtomicUsize,
-    /// Serial jobs the master wants in hand.
-    pub serial_target: AtomicUsize,
-    /// MPI jobs the master wants in hand.
-    pub mpi_target: AtomicUsize,
+    held: [AtomicUsize; 2],
+    target: [AtomicUsize; 2],
 }
 
 impl Demand {
-    fn queued(&self, c: Class) -> &AtomicUsize {
-        match c {
-            Class::Serial => &self.serial_queued,
-            Class::Mpi => &self.mpi_queued,
-        }
+    /// Jobs of class `c` delivered and not let go of.
+    pub fn held(&self, c: Class) -> usize {
+        self.held[c as usize].load(Ordering::Acquire)
     }
-    fn target(&self, c: Class) -> usize {
-        match c {
-            Class::Serial => self.serial_target.load(Ordering::Relaxed),
-            Class::Mpi => self.mpi_target.load(Ordering::Relaxed),
-        }
+    /// Jobs of class `c` the launcher wants to hold in all.
+    pub fn target(&self, c: Class) -> usize {
+        self.target[c as usize].load(Ordering::Relaxed)
     }
-    /// The master took `n` jobs of class `c` out of its queue.
-    pub fn taken(&self, c: Class, n: usize) {
-        let q = self.queued(c);
-        let _ = q.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+    /// Sets the target for class `c`.
+    pub fn set_target(&self, c: Class, n: usize) {
+        self.target[c as usize].store(n, Ordering::Relaxed);
+    }
+    fn delivered(&self, c: Class, n: usize) {
+        self.held[c as usize].fetch_add(n, Ordering::AcqRel);
+    }
+    /// The master let go of `n` jobs of class `c` (ended, given back or dropped).
+    pub fn let_go(&self, c: Class, n: usize) {
+        let _ = self.held[c as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             Some(v.saturating_sub(n))
         });
+    }
+}
+
+/// How long the store thread keeps trying to write its results when the launcher stops.
+pub const FINISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Ends the sessions of launchers that are gone: on this host those whose process died, anywhere
+/// those silent for longer than `expiry`. Their running jobs become RESTART_READY, their other
+/// leases are released.
+pub fn expire_sessions(store: &mut Store, host: &str, expiry: Duration) {
+    expire_dead_sessions(store, host);
+    match store.expire_sessions(expiry) {
+        Ok(expired) => {
+            for e in expired {
+                tracing::warn!(
+                    "expired silent launcher session {} ({}:{}): {} running jobs to RESTART_READY, {} released",
+                    e.session.id,
+                    e.session.host,
+                    e.session.pid,
+                    e.restarted,
+                    e.released
+                );
+            }
+        }
+        Err(e) => tracing::warn!("expiring sessions failed: {e}"),
+    }
+}
+
+/// Ends the sessions of launchers on this host whose process is gone (kill -9, a crash): their
+/// jobs come back at once instead of after the lease expiry.
+pub fn expire_dead_sessions(store: &mut Store, host: &str) {
+    match store.expire_dead_sessions(host) {
+        Ok(expired) => {
+            for e in expired {
+                tracing::warn!(
+                    "launcher session {} ({}:{}) is gone (its process died): {} running jobs to RESTART_READY, {} released",
+                    e.session.id,
+                    e.session.host,
+                    e.session.pid,
+                    e.restarted,
+                    e.released
+                );
+            }
+        }
+        Err(e) => tracing::warn!("looking for dead launcher sessions failed: {e}"),
     }
 }
 
@@ -139,6 +187,12 @@ pub struct StoreThreadConfig {
     pub db: DbDir,
     /// This launcher's session.
     pub session: i64,
+    /// This host, as the session records it.
+    pub host: String,
+    /// The job mode.
+    pub job_mode: crate::config::JobMode,
+    /// The launcher's nodes.
+    pub nodes: u32,
     /// Workflow filter ('' = all).
     pub wf_filter: String,
     /// Lease filters per class (None: the class is not run by this launcher).
@@ -176,6 +230,7 @@ struct Pending {
 pub fn spawn(
     cfg: StoreThreadConfig,
     demand: Arc<Demand>,
+    health: Arc<Health>,
     rx: Receiver<ToStore>,
     own_tx: Sender<ToStore>,
     tx: Sender<FromStore>,
@@ -194,26 +249,31 @@ pub fn spawn(
         cfg.transition_threads,
         cfg.transition_opts.clone(),
         Some(sink),
+        health.clone(),
     )?;
     let mut st = StoreThread {
         store,
         cfg,
         demand,
+        health,
         tx,
         pool: Some(pool),
         leased: HashMap::new(),
+        dropping: HashSet::new(),
         apps: AppCache::default(),
         pending: Vec::new(),
         pending_since: None,
         release: Vec::new(),
         draining: false,
         lost: false,
-        told_unreachable: false,
+        gone: false,
+        was_empty: false,
         next_lease: [Instant::now(), Instant::now()],
         lease_pause: [Duration::from_millis(50), Duration::from_millis(50)],
         last_heartbeat: Instant::now(),
         last_kill_poll: Instant::now(),
         last_expire: Instant::now(),
+        last_dead_check: Instant::now(),
         last_status: Instant::now() - Duration::from_secs(10),
         user_kills: HashMap::new(),
     };
@@ -227,26 +287,38 @@ struct StoreThread {
     store: Store,
     cfg: StoreThreadConfig,
     demand: Arc<Demand>,
+    health: Arc<Health>,
     tx: Sender<FromStore>,
     pool: Option<TransitionPool>,
+    /// Jobs delivered to the master and not ended, as this thread last wrote them.
     leased: HashMap<i64, Job>,
+    /// Jobs a user killed, removed or changed: nothing more is written for them, and their
+    /// lease goes back once their process ended.
+    dropping: HashSet<i64>,
     apps: AppCache,
     pending: Vec<Pending>,
     pending_since: Option<Instant>,
     release: Vec<i64>,
     draining: bool,
     lost: bool,
-    /// The master was told the database cannot be reached (until a status says otherwise).
-    told_unreachable: bool,
+    /// The database file is gone: nothing is written any more.
+    gone: bool,
+    /// Nothing was held at the last status (so a change to empty is told at once).
+    was_empty: bool,
     next_lease: [Instant; 2],
     lease_pause: [Duration; 2],
     last_heartbeat: Instant,
     last_kill_poll: Instant,
     last_expire: Instant,
+    last_dead_check: Instant,
     last_status: Instant,
     /// Jobs users killed, with when the kill was seen: the end of their process is noted.
     user_kills: HashMap<i64, Instant>,
 }
+
+/// How often the thread checks the database file and looks for launchers of this host whose
+/// process died.
+const DEAD_SESSION_CHECK: Duration = Duration::from_secs(2);
 
 /// How much lower than the job-running threads the store thread runs.
 pub const BOOKKEEPING_NICE: i32 = 10;
@@ -274,24 +346,24 @@ impl StoreThread {
             while let Ok(m) = rx.try_recv() {
                 finish |= self.handle(m);
             }
-            let count: usize = self.pending.iter().map(|p| p.ts.len()).sum();
-            let old = self.pending_since.is_some_and(|t| t.elapsed() >= FLUSH_AGE);
-            if finish
-                || count >= FLUSH_COUNT
-                || old
-                || (!self.release.is_empty() && self.pending.is_empty())
-            {
-                self.flush();
-            }
             if finish {
                 self.finish();
                 return;
             }
-            if self.lost {
+            let count: usize = self.pending.iter().map(|p| p.ts.len()).sum();
+            let old = self.pending_since.is_some_and(|t| t.elapsed() >= FLUSH_AGE);
+            if (count >= FLUSH_COUNT
+                || old
+                || (!self.release.is_empty() && self.pending.is_empty()))
+                && self.health.attempt_due(Resource::Database, Instant::now())
+            {
+                self.flush();
+            }
+            if self.lost || self.gone {
                 continue;
             }
             self.periodic();
-            if !self.draining {
+            if !self.draining && self.health.may_start_jobs(Instant::now()) {
                 self.lease(Class::Serial);
                 self.lease(Class::Mpi);
             }
@@ -303,6 +375,9 @@ impl StoreThread {
         match m {
             ToStore::Started(v) => {
                 for (pk, place) in v {
+                    if self.dropping.contains(&pk) {
+                        continue;
+                    }
                     let Some(job) = self.leased.get(&pk) else {
                         continue;
                     };
@@ -323,6 +398,7 @@ impl StoreThread {
             ToStore::Release(pks) => {
                 for pk in pks {
                     self.leased.remove(&pk);
+                    self.dropping.remove(&pk);
                     self.release.push(pk);
                 }
             }
@@ -338,14 +414,14 @@ impl StoreThread {
         false
     }
 
-    /// Takes over jobs the fast path made runnable, if this launcher can and wants to run them.
+    /// Takes over jobs the fast path made runnable, as far as the launcher wants more; the rest
+    /// goes back for other launchers.
     fn handover(&mut self, jobs: Vec<Handover>) {
         let mut ready: [Vec<Runnable>; 2] = [Vec::new(), Vec::new()];
         for h in jobs {
             let class = self.classify(&h.job).filter(|c| {
-                let queued =
-                    self.demand.queued(*c).load(Ordering::Acquire) + ready[*c as usize].len();
-                !self.draining && !self.lost && queued < self.demand.target(*c) * 2
+                let held = self.demand.held(*c) + ready[*c as usize].len();
+                !self.draining && !self.lost && held < self.demand.target(*c)
             });
             let Some(class) = class else {
                 self.release.push(h.job.pk);
@@ -364,29 +440,29 @@ impl StoreThread {
             (Class::Mpi, std::mem::take(&mut ready[1])),
         ] {
             if !jobs.is_empty() {
-                self.demand
-                    .queued(c)
-                    .fetch_add(jobs.len(), Ordering::AcqRel);
+                self.demand.delivered(c, jobs.len());
                 let _ = self.tx.send(FromStore::Runnable(jobs));
             }
         }
     }
 
+    fn time_left(&self) -> Option<Duration> {
+        self.cfg
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
     /// The class a job would be leased as, if this launcher runs it at all.
     fn classify(&self, job: &Job) -> Option<Class> {
-        let wall_ok = self.cfg.deadline.is_none_or(|d| {
-            u64::from(job.spec.wall_time_minutes) * 60
-                <= d.saturating_duration_since(Instant::now()).as_secs()
-        });
+        if !fits_time(job.spec.wall_time_minutes, self.time_left()) {
+            return None;
+        }
         let fits = |f: &LeaseFilter| {
             (!f.serial_only || job.is_serial())
                 && (!f.mpi_only || !job.is_serial())
                 && f.max_nodes
                     .is_none_or(|n| job.spec.num_nodes + job.spec.coschedule_num_nodes <= n)
         };
-        if !wall_ok {
-            return None;
-        }
         if self.cfg.serial_filter.as_ref().is_some_and(fits) {
             return Some(Class::Serial);
         }
@@ -397,10 +473,14 @@ impl StoreThread {
     }
 
     fn cannot_start(&mut self, job: &Job, e: crate::Error) {
-        if matches!(&e, crate::Error::Store(s) if self.unreachable(s)) {
-            // Not the job's fault: given back, to be leased again.
-            self.release.push(job.pk);
-            return;
+        if let crate::Error::Store(se) = &e {
+            if health::is_database_trouble(se) {
+                // Not the job's fault: it goes back as it is.
+                self.health
+                    .failed(Resource::Database, &se.to_string(), Instant::now());
+                self.release.push(job.pk);
+                return;
+            }
         }
         tracing::warn!("{}: cannot be started: {e}", job.cute_id());
         let t = Transition::new(
@@ -426,10 +506,17 @@ impl StoreThread {
 
     fn finished(&mut self, f: JobFinished) {
         let pk = f.pk;
-        if let Some(seen) = self.user_kills.remove(&pk) {
-            if f.started {
-                self.note_death(&f, seen);
+        if self.dropping.remove(&pk) {
+            // A user killed, removed or changed it: its process ended; nothing is written but,
+            // for a kill, when the process died.
+            if let Some(seen) = self.user_kills.remove(&pk) {
+                if f.started {
+                    self.note_death(&f, seen);
+                }
             }
+            self.leased.remove(&pk);
+            self.release.push(pk);
+            return;
         }
         if !f.started && f.killed.is_some() {
             // Dropped from a worker's queue before it started: nothing happened to it.
@@ -449,7 +536,8 @@ impl StoreThread {
         };
         let mut plan = after_run(&job, app.as_deref(), &run, self.draining);
         if plan.transitions.is_empty() {
-            // Killed by its user or a lost session: no writes, only the lease goes back.
+            // Killed by its user or a lost session, or its files could not be written: no
+            // writes, only the lease goes back.
             self.release.push(pk);
             return;
         }
@@ -474,7 +562,7 @@ impl StoreThread {
     }
 
     fn flush(&mut self) {
-        if self.lost {
+        if self.lost || self.gone {
             self.pending.clear();
             self.release.clear();
             self.pending_since = None;
@@ -487,38 +575,114 @@ impl StoreThread {
                 .flat_map(|p| p.ts.iter().cloned())
                 .collect();
             match self.store.apply(&ts, Some(self.cfg.session)) {
-                Ok(outcomes) => self.settle(outcomes),
+                Ok(outcomes) => {
+                    self.health.ok(Resource::Database);
+                    let pending = std::mem::take(&mut self.pending);
+                    self.settle(pending, outcomes);
+                }
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
-                Err(e) => {
-                    // Kept for the next flush; a database that stays broken ends in the
-                    // session expiring, which is safe.
-                    if !self.unreachable(&e) {
-                        tracing::error!("writing {} state changes failed: {e}; retrying", ts.len());
-                    }
-                    self.pending_since = Some(Instant::now());
+                Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
+                Err(e) if health::is_database_trouble(&e) => {
+                    // Kept, and tried again after the backoff.
+                    self.health.failed(
+                        Resource::Database,
+                        &format!("{e} ({} jobs' changes kept)", self.pending.len()),
+                        Instant::now(),
+                    );
                     return;
+                }
+                Err(e) => {
+                    // Something about one job (removed meanwhile...): write each on its own, so
+                    // one job's failed write never holds back the others.
+                    tracing::debug!("writing {} state changes at once failed: {e}", ts.len());
+                    self.flush_one_by_one();
                 }
             }
         }
         if !self.release.is_empty() {
             let pks = std::mem::take(&mut self.release);
-            if let Err(e) = self.store.release(self.cfg.session, &pks) {
-                if !self.unreachable(&e) {
-                    tracing::warn!("releasing {} jobs failed: {e}", pks.len());
+            match self.store.release(self.cfg.session, &pks) {
+                Ok(_) => self.database_ok_if_nothing_kept(),
+                Err(balsam_store::Error::SessionEnded(_)) => {}
+                Err(e) if health::is_database_trouble(&e) => {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now());
+                    self.release = pks;
                 }
+                Err(e) => tracing::warn!("releasing {} jobs failed: {e}", pks.len()),
             }
         }
     }
 
-    fn settle(&mut self, outcomes: Vec<Outcome>) {
+    /// Writes each pending job's changes in a transaction of its own; a job whose write fails
+    /// for a reason of its own is dropped with one log line.
+    fn flush_one_by_one(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
+        let mut kept = Vec::new();
+        for p in pending {
+            if !kept.is_empty() {
+                kept.push(p);
+                continue;
+            }
+            match self.store.apply(&p.ts, Some(self.cfg.session)) {
+                Ok(outcomes) => self.settle(vec![p], outcomes),
+                Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
+                Err(e) if health::is_database_trouble(&e) => {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now());
+                    kept.push(p);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "job #{}: its state cannot be written ({e}); dropping it",
+                        p.pk
+                    );
+                    if matches!(p.kind, Kind::Start) {
+                        // Its process runs: stop it; the lease goes back when it ended.
+                        self.dropping.insert(p.pk);
+                        let _ = self.tx.send(FromStore::Drop(vec![p.pk]));
+                    } else {
+                        self.leased.remove(&p.pk);
+                        self.release.push(p.pk);
+                    }
+                }
+            }
+        }
+        if !kept.is_empty() {
+            self.pending_since = Some(Instant::now());
+            self.pending = kept;
+        }
+    }
+
+    fn settle(&mut self, pending: Vec<Pending>, outcomes: Vec<Outcome>) {
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
         let mut i = 0;
         let mut conflicts = Vec::new();
         let mut ended = false;
         for p in pending {
             let outs = &outcomes[i..i + p.ts.len()];
             i += p.ts.len();
+            if outs.iter().any(|o| matches!(o, Outcome::Gone)) {
+                // Removed by a user meanwhile: nothing to write, nothing to release.
+                if self.dropping.insert(p.pk) || !matches!(p.kind, Kind::Start) {
+                    tracing::info!(
+                        "job #{}: removed from the database while this launcher held it; stopping it and writing nothing more for it",
+                        p.pk
+                    );
+                }
+                match p.kind {
+                    // Its process runs: stop it; the lease is gone with the job.
+                    Kind::Start => conflicts.push(p.pk),
+                    _ => {
+                        self.leased.remove(&p.pk);
+                        self.dropping.remove(&p.pk);
+                    }
+                }
+                continue;
+            }
             let conflict = outs.iter().find_map(|o| match o {
                 Outcome::Conflict(s) => Some(*s),
                 _ => None,
@@ -530,11 +694,13 @@ impl StoreThread {
             match p.kind {
                 Kind::Start => {
                     if let Some(actual) = conflict {
-                        tracing::info!(
-                            "job #{}: is {actual}, not runnable any more; stopping it",
-                            p.pk
-                        );
-                        conflicts.push(p.pk);
+                        if self.dropping.insert(p.pk) {
+                            tracing::info!(
+                                "job #{}: is {actual}, not runnable any more (changed by a user); stopping it and leaving it as it is",
+                                p.pk
+                            );
+                            conflicts.push(p.pk);
+                        }
                     } else if let Some(j) = self.leased.get_mut(&p.pk) {
                         j.state = State::Running;
                     }
@@ -561,7 +727,7 @@ impl StoreThread {
             }
         }
         if !conflicts.is_empty() {
-            let _ = self.tx.send(FromStore::Conflict(conflicts));
+            let _ = self.tx.send(FromStore::Drop(conflicts));
         }
         if ended {
             // Finished parents may have made children ready.
@@ -572,39 +738,35 @@ impl StoreThread {
     }
 
     fn periodic(&mut self) {
-        let hb =
-            (self.cfg.lease_expiry / 4).clamp(Duration::from_millis(500), Duration::from_secs(10));
-        if self.last_heartbeat.elapsed() >= hb {
+        let hb = heartbeat_period(self.cfg.lease_expiry);
+        // While the database cannot be written, the heartbeat is also the probe that finds it
+        // writable again (at the backoff's pace), so jobs start again even with nothing to write.
+        let probe = self.health.trouble(Resource::Database).is_some()
+            && self.health.attempt_due(Resource::Database, Instant::now());
+        if self.last_heartbeat.elapsed() >= hb || probe {
             self.last_heartbeat = Instant::now();
             match self.store.heartbeat(self.cfg.session) {
-                Ok(()) => {}
+                Ok(()) => self.database_ok_if_nothing_kept(),
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
-                Err(e) => {
-                    if !self.unreachable(&e) {
-                        tracing::warn!("heartbeat failed: {e}")
-                    }
+                Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
+                Err(e) if health::is_database_trouble(&e) => {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now())
                 }
+                Err(e) => tracing::warn!("heartbeat failed: {e}"),
             }
+        }
+        if self.last_dead_check.elapsed() >= DEAD_SESSION_CHECK {
+            self.last_dead_check = Instant::now();
+            // A stat of the database file: was it removed or replaced under us?
+            if let Err(e) = self.store.check_file() {
+                return self.database_gone(e);
+            }
+            expire_dead_sessions(&mut self.store, &self.cfg.host);
         }
         if self.last_kill_poll.elapsed() >= Duration::from_millis(400) {
             self.last_kill_poll = Instant::now();
-            match self.store.killed_jobs(self.cfg.session) {
-                Ok(pks) if !pks.is_empty() => {
-                    for pk in &pks {
-                        self.leased.remove(pk);
-                        self.user_kills.insert(*pk, Instant::now());
-                    }
-                    tracing::info!("{} jobs killed by their users", pks.len());
-                    self.release.extend(pks.iter().copied());
-                    let _ = self.tx.send(FromStore::Kill(pks));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if !self.unreachable(&e) {
-                        tracing::warn!("polling for killed jobs failed: {e}")
-                    }
-                }
-            }
+            self.poll_user_changes();
         }
         let every = self
             .cfg
@@ -612,36 +774,115 @@ impl StoreThread {
             .clamp(Duration::from_secs(2), Duration::from_secs(30));
         if self.last_expire.elapsed() >= every {
             self.last_expire = Instant::now();
-            match self.store.expire_sessions(self.cfg.lease_expiry) {
-                Ok(expired) => {
-                    for e in expired {
-                        tracing::warn!(
-                            "expired silent session {} ({}:{}): {} running jobs to RESTART_READY, {} released",
-                            e.session.id, e.session.host, e.session.pid, e.restarted, e.released
-                        );
-                    }
-                }
-                Err(e) => {
-                    if !self.unreachable(&e) {
-                        tracing::warn!("expiring sessions failed: {e}")
-                    }
-                }
-            }
+            expire_sessions(&mut self.store, &self.cfg.host, self.cfg.lease_expiry);
         }
-        if self.last_status.elapsed() >= Duration::from_millis(500) {
+        let empty = self.leased.is_empty()
+            && self.pending.is_empty()
+            && self.release.is_empty()
+            && self.pool.as_ref().is_none_or(|p| p.in_flight() == 0);
+        // Told every half second, and at once when the thread just ran out of work.
+        if self.last_status.elapsed() >= Duration::from_millis(500) || (empty && !self.was_empty) {
             self.last_status = Instant::now();
-            let (has_work, unreachable) = match self.store.has_work(&self.cfg.wf_filter) {
-                Ok(w) => {
-                    self.told_unreachable = false;
-                    (w, false)
+            self.was_empty = empty;
+            let idle = if empty {
+                match self.idle_facts() {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!("looking for work left failed: {e}");
+                        None
+                    }
                 }
-                Err(e) => (true, self.unreachable(&e)),
+            } else {
+                None
             };
-            let busy = unreachable
-                || !self.pending.is_empty()
-                || self.pool.as_ref().is_some_and(|p| p.in_flight() > 0);
-            let _ = self.tx.send(FromStore::Status { has_work, busy });
+            let _ = self.tx.send(FromStore::Status { busy: !empty, idle });
         }
+    }
+
+    /// Finds jobs a user killed, removed or set to another state while this launcher holds
+    /// them, and has the master stop them: one log line each, nothing written for them, the
+    /// lease given back once their process ended.
+    fn poll_user_changes(&mut self) {
+        if self.leased.is_empty() {
+            return;
+        }
+        let now: HashMap<i64, State> = match self.store.lease_states(self.cfg.session) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                if health::is_database_trouble(&e) {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now());
+                } else {
+                    tracing::warn!("polling the states of held jobs failed: {e}");
+                }
+                return;
+            }
+        };
+        let mut drop = Vec::new();
+        for (pk, job) in &self.leased {
+            if self.dropping.contains(pk) {
+                continue;
+            }
+            let why = match now.get(pk) {
+                None => "removed from the database while this launcher held it".to_string(),
+                Some(State::UserKilled) => {
+                    self.user_kills.insert(*pk, Instant::now());
+                    "killed by its user".to_string()
+                }
+                Some(s) if *s != job.state => {
+                    format!("set to {s} by a user while {} here", job.state)
+                }
+                Some(_) => continue,
+            };
+            tracing::info!(
+                "{}: {why}; stopping it and writing nothing more for it",
+                job.cute_id()
+            );
+            drop.push(*pk);
+        }
+        if !drop.is_empty() {
+            self.dropping.extend(drop.iter().copied());
+            let _ = self.tx.send(FromStore::Drop(drop));
+        }
+    }
+
+    /// What could still arrive for this launcher.
+    fn idle_facts(&mut self) -> balsam_store::Result<IdleFacts> {
+        let caps = Capabilities {
+            job_mode: self.cfg.job_mode,
+            nodes: self.cfg.nodes,
+            time_left: self.time_left(),
+        };
+        let outlook = self
+            .store
+            .work_outlook(self.cfg.session, &self.cfg.wf_filter)?;
+        let groups = if outlook.runnable_free > 0 {
+            self.store.runnable_overview(&self.cfg.wf_filter)?
+        } else {
+            Vec::new()
+        };
+        let now = balsam_store::now_us();
+        Ok(IdleFacts {
+            runnable_here: groups
+                .iter()
+                .filter(|g| caps.why_not(g).is_none())
+                .map(|g| g.count)
+                .sum(),
+            not_here: explain_not_here(&groups, &caps),
+            on_their_way: outlook.processable_free,
+            awaiting_parents: outlook.awaiting_parents,
+            held_by_others: outlook.held_by_others,
+            others: outlook
+                .others
+                .iter()
+                .map(|s| OtherSession {
+                    id: s.id,
+                    host: s.host.clone(),
+                    silent_for: Duration::from_micros((now - s.heartbeat_us).max(0) as u64),
+                })
+                .collect(),
+            service: outlook.service_live,
+        })
     }
 
     fn lease(&mut self, class: Class) {
@@ -652,24 +893,29 @@ impl StoreThread {
         let Some(mut filter) = filter else { return };
         let i = class as usize;
         let target = self.demand.target(class);
-        let queued = self.demand.queued(class).load(Ordering::Acquire);
-        if target == 0 || queued > target / 2 || Instant::now() < self.next_lease[i] {
+        let held = self.demand.held(class);
+        // Lease when a quarter of the target is missing (at least one job): batches stay large
+        // for short jobs, and a slot of a long-job launcher is refilled as soon as it frees.
+        let missing = target.saturating_sub(held);
+        if missing == 0 || missing < target / 4 || Instant::now() < self.next_lease[i] {
             return;
         }
-        if let Some(d) = self.cfg.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            filter.max_wall_minutes = Some((left.as_secs() / 60) as u32);
-        }
-        let jobs = match self.store.lease(
-            self.cfg.session,
-            LeaseGroup::Runnable,
-            &filter,
-            target - queued,
-        ) {
-            Ok(j) => j,
+        filter.max_wall_minutes = max_wall_minutes(self.time_left());
+        let jobs = match self
+            .store
+            .lease(self.cfg.session, LeaseGroup::Runnable, &filter, missing)
+        {
+            Ok(j) => {
+                self.database_ok_if_nothing_kept();
+                j
+            }
             Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
+            Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
             Err(e) => {
-                if !self.unreachable(&e) {
+                if health::is_database_trouble(&e) {
+                    self.health
+                        .failed(Resource::Database, &e.to_string(), Instant::now());
+                } else {
                     tracing::warn!("leasing runnable jobs failed: {e}");
                 }
                 Vec::new()
@@ -692,9 +938,7 @@ impl StoreThread {
             }
         }
         if !ready.is_empty() {
-            self.demand
-                .queued(class)
-                .fetch_add(ready.len(), Ordering::AcqRel);
+            self.demand.delivered(class, ready.len());
             let _ = self.tx.send(FromStore::Runnable(ready));
         }
     }
@@ -732,24 +976,6 @@ impl StoreThread {
         })
     }
 
-    /// Whether `e` says the database cannot be reached (the store itself says so once, and
-    /// once when it is back). The first time, the master hears at once that this thread is
-    /// busy: while nobody knows what work remains, an outage is no idle time to exit on,
-    /// however long this thread's calls wait for the server.
-    fn unreachable(&mut self, e: &balsam_store::Error) -> bool {
-        if !e.is_unavailable() {
-            return false;
-        }
-        if !self.told_unreachable {
-            self.told_unreachable = true;
-            let _ = self.tx.send(FromStore::Status {
-                has_work: true,
-                busy: true,
-            });
-        }
-        true
-    }
-
     /// Notes in a killed job's history when, and how, its process ended (the event's time is
     /// the time of death, to the few milliseconds a report takes).
     fn note_death(&mut self, f: &JobFinished, seen: Instant) {
@@ -785,21 +1011,79 @@ impl StoreThread {
         }
     }
 
+    /// A small write worked: the database takes writes again, unless results are still kept
+    /// (a small write can fit where a batch does not; only writing them proves it).
+    fn database_ok_if_nothing_kept(&self) {
+        if self.pending.is_empty() {
+            self.health.ok(Resource::Database);
+        }
+    }
+
+    /// The database file was removed or replaced: nothing can be recorded any more.
+    fn database_gone(&mut self, e: balsam_store::Error) {
+        if !self.gone {
+            self.gone = true;
+            self.pending.clear();
+            self.release.clear();
+            let _ = self.tx.send(FromStore::DatabaseGone(e.to_string()));
+        }
+    }
+
+    /// Writes what is left (retrying with backoff for up to [`FINISH_PATIENCE`] while the
+    /// database cannot be written), stops the transitions and ends the session.
     fn finish(&mut self) {
         if let Some(pool) = self.pool.take() {
             pool.stop(Duration::from_secs(10));
         }
-        if !self.lost {
+        let t = Instant::now();
+        loop {
+            if self.health.attempt_due(Resource::Database, Instant::now()) {
+                self.flush();
+            }
+            if self.lost || self.gone || (self.pending.is_empty() && self.release.is_empty()) {
+                break;
+            }
+            if t.elapsed() >= FINISH_PATIENCE {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut problem = None;
+        if !self.lost && !self.gone {
+            let unwritten = self.pending.len();
             match self.store.end_session(self.cfg.session) {
                 Ok((restarted, released)) => tracing::info!(
                     "session {} ended ({restarted} running jobs to RESTART_READY, {released} leases released)",
                     self.cfg.session
                 ),
-                Err(e) => tracing::error!("ending session {}: {e}", self.cfg.session),
+                Err(e) => {
+                    tracing::error!("ending session {}: {e}", self.cfg.session);
+                    problem = Some(format!(
+                        "the session could not be ended in the database {}: {e}",
+                        self.cfg.db.db_file().display()
+                    ));
+                }
+            }
+            if unwritten > 0 {
+                let why = self
+                    .health
+                    .trouble(Resource::Database)
+                    .unwrap_or_else(|| "the database cannot be written".into());
+                problem = Some(format!(
+                    "the runs of {unwritten} jobs (starts or results) could not be written to the database {} ({why}); those jobs run again once this session ends or expires{}",
+                    self.cfg.db.db_file().display(),
+                    problem.map(|p| format!("; {p}")).unwrap_or_default()
+                ));
             }
         }
-        let _ = self.tx.send(FromStore::Ended);
+        let _ = self.tx.send(FromStore::Ended { problem });
     }
+}
+
+/// How often a session heartbeats: a quarter of the lease expiry, between 0.5 s and 10 s (with
+/// the default LEASE_EXPIRY_SECONDS of 180, every 10 s).
+pub fn heartbeat_period(lease_expiry: Duration) -> Duration {
+    (lease_expiry / 4).clamp(Duration::from_millis(500), Duration::from_secs(10))
 }
 
 /// The number after "pid " in a RUNNING event's message.

@@ -40,6 +40,7 @@ use balsam_store::{
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
+use crate::health::{is_database_trouble, Health, Resource};
 use crate::jobenv::{job_environment, LauncherContext};
 use crate::messages::{ExitStatus, KillReason};
 use crate::nursery::{ScriptNursery, ScriptRunner};
@@ -143,6 +144,8 @@ impl Transitions {
     /// to PREPROCESSED; RUN_DONE to JOB_FINISHED), then gives its lease back. Returns the state
     /// it ends in. Errors of the transition itself end the job FAILED (with the error in its
     /// history); only database errors are returned.
+    /// A failure of the file system under the database directory (full, read-only...) is not the
+    /// job's: the job is left as it was, its lease given back, and [`Error::FileSystem`] returned.
     pub fn process(&mut self, job: Job) -> Result<State> {
         let pk = job.pk;
         let cute = job.cute_id();
@@ -150,6 +153,17 @@ impl Transitions {
         let state = match self.advance(&mut job) {
             Ok(()) => job.state,
             Err(Error::Store(e)) if is_fatal_store_error(&e) => return Err(Error::Store(e)),
+            Err(e) if self.file_system_trouble(&job, &e) => {
+                tracing::debug!(
+                    "{cute}: {} failed: {e}; left as it is",
+                    step_name(job.state)
+                );
+                self.store.release(self.session, &[pk])?;
+                return Err(Error::FileSystem(format!(
+                    "{cute}: {} failed: {e}",
+                    step_name(job.state)
+                )));
+            }
             Err(e) => {
                 tracing::warn!("{cute}: {} failed: {e}", step_name(job.state));
                 let msg = format!("{} failed: {e}", step_name(job.state));
@@ -165,6 +179,25 @@ impl Transitions {
         };
         self.store.release(self.session, &[pk])?;
         Ok(state)
+    }
+
+    /// Whether `e`, met while processing `job`, is the file system under the database directory
+    /// failing rather than the job: no space, over quota, read-only, or (permission denied) the
+    /// job's working directory cannot be written, or the database directory is gone. Stage-out
+    /// writes elsewhere, to the job's own destination: its failures are the job's.
+    fn file_system_trouble(&self, job: &Job, e: &Error) -> bool {
+        let Error::Io { source, .. } = e else {
+            return false;
+        };
+        if job.state == State::Postprocessed {
+            return false;
+        }
+        match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO) => true,
+            Some(libc::EACCES | libc::EPERM) => !writable(&job.workdir(&self.db.root)),
+            Some(libc::ENOENT) => !self.db.root.join("data").is_dir(),
+            _ => false,
+        }
     }
 
     /// Takes the simple jobs of a batch leased by this session from CREATED to PREPROCESSED in
@@ -500,6 +533,24 @@ fn step_name(state: State) -> &'static str {
     }
 }
 
+/// Whether this process may write `path`, or, when it does not exist yet, its nearest existing
+/// parent directory.
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = path;
+    while p.symlink_metadata().is_err() {
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => return false,
+        }
+    }
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) on a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
 /// A local path from a stage-in/out location: a path or `file://path`.
 fn local_path(field: &'static str, url: &str) -> Result<PathBuf> {
     let path = url.strip_prefix("file://").unwrap_or(url);
@@ -703,8 +754,15 @@ pub fn after_run(
     let secs = run.elapsed.as_secs_f64();
     let mut ts = Vec::new();
     let mut needs = false;
+    if let ExitStatus::Infrastructure(_) = run.status {
+        // The launcher could not write the job's files: not the job's doing; it stays as it was.
+        return AfterRun {
+            transitions: ts,
+            needs_processing: false,
+        };
+    }
     match run.killed {
-        Some(KillReason::User) | Some(KillReason::SessionLost) => {}
+        Some(KillReason::User) | Some(KillReason::SessionLost) | Some(KillReason::Reclaimed) => {}
         Some(
             reason @ (KillReason::TimeLimit
             | KillReason::Signal
@@ -881,6 +939,7 @@ impl TransitionPool {
         threads: usize,
         opts: TransitionOptions,
         sink: Option<RunnableSink>,
+        health: Arc<Health>,
     ) -> Result<TransitionPool> {
         let threads = threads.max(1);
         let (work_tx, work_rx) = crossbeam_channel::bounded::<Job>(threads * 4 + FEED_BATCH);
@@ -893,29 +952,42 @@ impl TransitionPool {
             let rx = work_rx.clone();
             let stop = stop.clone();
             let in_flight = in_flight.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("transitions-{i}"))
-                .spawn(move || {
-                    for job in rx.iter() {
-                        if !stop.load(Ordering::Relaxed) {
-                            let (cute, pk) = (job.cute_id(), job.pk);
-                            match t.process(job) {
-                                Ok(s) => tracing::debug!("{cute}: {s}"),
-                                Err(Error::Store(e)) if e.is_unavailable() => {
-                                    release_when_back(&mut t, &[pk], &stop)
+            let health = health.clone();
+            let h =
+                std::thread::Builder::new()
+                    .name(format!("transitions-{i}"))
+                    .spawn(move || {
+                        for job in rx.iter() {
+                            if !stop.load(Ordering::Relaxed) {
+                                let (cute, pk) = (job.cute_id(), job.pk);
+                                match t.process(job) {
+                                    Ok(s) => {
+                                        health.ok(Resource::JobFiles);
+                                        tracing::debug!("{cute}: {s}")
+                                    }
+                                    Err(Error::FileSystem(why)) => {
+                                        health.failed(Resource::JobFiles, &why, Instant::now())
+                                    }
+                                    Err(Error::Store(e)) if is_database_trouble(&e) => {
+                                        health.failed(
+                                            Resource::Database,
+                                            &e.to_string(),
+                                            Instant::now(),
+                                        );
+                                        release_when_back(&mut t, &[pk], &stop)
+                                    }
+                                    Err(e) => tracing::error!("{cute}: transition failed: {e}"),
                                 }
-                                Err(e) => tracing::error!("{cute}: transition failed: {e}"),
                             }
+                            in_flight.fetch_sub(1, Ordering::AcqRel);
                         }
-                        in_flight.fetch_sub(1, Ordering::AcqRel);
-                    }
-                })
-                .map_err(|e| Error::io("cannot start a transition thread", e))?;
+                    })
+                    .map_err(|e| Error::io("cannot start a transition thread", e))?;
             handles.push(h);
         }
         let mut feeder = Transitions::new(db, session, opts)?;
         let feed_tx = work_tx.clone();
-        let (stop2, in_flight2) = (stop.clone(), in_flight.clone());
+        let (stop2, in_flight2, health2) = (stop.clone(), in_flight.clone(), health.clone());
         let h = std::thread::Builder::new()
             .name("transitions-feeder".into())
             .spawn(move || {
@@ -929,6 +1001,7 @@ impl TransitionPool {
                     &stop2,
                     &in_flight2,
                     sink,
+                    &health2,
                 )
             })
             .map_err(|e| Error::io("cannot start the transition feeder", e))?;
@@ -988,7 +1061,7 @@ fn release_when_back(t: &mut Transitions, pks: &[i64], stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match t.store.release(t.session, pks) {
             Ok(_) => return,
-            Err(e) if e.is_unavailable() => {
+            Err(e) if is_database_trouble(&e) => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -1010,15 +1083,25 @@ fn feed(
     stop: &AtomicBool,
     in_flight: &AtomicUsize,
     sink: Option<RunnableSink>,
+    health: &Health,
 ) {
     let mut pause = Duration::from_millis(20);
     while !stop.load(Ordering::Relaxed) {
+        if !health.may_start_jobs(Instant::now()) {
+            // The database or the job files cannot be written: wait for the retry.
+            let _ = wake_rx.recv_timeout(Duration::from_millis(200));
+            continue;
+        }
         let leased = match t
             .store
             .lease(session, LeaseGroup::Processable, filter, FEED_BATCH)
         {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return,
+            Err(e) if is_database_trouble(&e) => {
+                health.failed(Resource::Database, &e.to_string(), Instant::now());
+                Vec::new()
+            }
             Err(e) => {
                 // An unreachable database is announced once by the store itself.
                 if !e.is_unavailable() {
@@ -1047,7 +1130,8 @@ fn feed(
         };
         let slow = match slow {
             Ok(s) => s,
-            Err(Error::Store(e)) if e.is_unavailable() => {
+            Err(Error::Store(e)) if is_database_trouble(&e) => {
+                health.failed(Resource::Database, &e.to_string(), Instant::now());
                 release_when_back(t, &pks, stop);
                 Vec::new()
             }

@@ -115,6 +115,7 @@ pub fn run(world: &SimpleCommunicator, log: &LogFile) -> i32 {
                     }
                 }
                 Message::Kill { pks, reason } => nursery.kill(pks, reason),
+                Message::Reclaim { pks } => nursery.reclaim(pks),
                 Message::Shutdown { reason } => {
                     w.shutting = true;
                     nursery.kill_all(reason);

@@ -233,6 +233,29 @@ fn after_run_plans_legacy_outcomes() {
         ),
         (vec![], false)
     );
+    // Files the launcher could not write, or a job taken back before it started: nothing is
+    // written, the job stays as it was.
+    assert_eq!(
+        plan(
+            &job,
+            &plain,
+            run(ExitStatus::Infrastructure("No space left".into()), None),
+            false
+        ),
+        (vec![], false)
+    );
+    assert_eq!(
+        plan(
+            &job,
+            &plain,
+            run(
+                ExitStatus::NotStarted("taken back".into()),
+                Some(KillReason::Reclaimed)
+            ),
+            false
+        ),
+        (vec![], false)
+    );
     let mut handled = job.clone();
     handled.spec.post_error_handler = true;
     handled.spec.post_timeout_handler = true;
@@ -283,4 +306,58 @@ fn after_run_plans_legacy_outcomes() {
             && p.transitions[0].message.contains("RuntimeError: x")
     );
     assert_eq!(p.transitions[0].return_code, Some(2));
+}
+
+#[test]
+fn a_working_directory_that_cannot_be_written_leaves_the_job_as_it_was() {
+    // As root only the immutable attribute stops a write (chattr, ext4 and the like).
+    let (tmp, mut store, session) = setup();
+    app(&mut store, "pre", "true", "");
+    store
+        .add_job(&NewJob {
+            spec: spec("stuck", "pre"),
+            ..NewJob::default()
+        })
+        .unwrap();
+    let db = store.dir.clone();
+    let data = tmp.path().join("db/data");
+    std::fs::create_dir_all(&data).unwrap();
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&data)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        chattr("+i"),
+        "chattr +i failed: this test needs root on ext4"
+    );
+    let r = process_pending(
+        &db,
+        session,
+        &LeaseFilter::default(),
+        2,
+        &TransitionOptions::default(),
+    );
+    assert!(chattr("-i"));
+    let e = r.expect_err("the stage-in cannot create the working directory");
+    assert!(
+        matches!(e, balsam_launcher::Error::FileSystem(_)),
+        "not the job's fault: {e}"
+    );
+    assert!(e.to_string().contains("cannot write job files"), "{e}");
+    // Not FAILED: left in the state it reached, its lease given back.
+    assert_eq!(state(&mut store, "stuck"), State::Ready);
+    assert!(store.leased_jobs(session).unwrap().is_empty());
+    // Once the directory can be written, the job goes on.
+    process_pending(
+        &db,
+        session,
+        &LeaseFilter::default(),
+        2,
+        &TransitionOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(state(&mut store, "stuck"), State::Preprocessed);
 }
