@@ -522,7 +522,13 @@ fn a_cut_off_launcher_stops_its_jobs_before_another_takes_them() {
         c2.output()
     );
     site.hosts.link("c1", true);
-    let _ = wait_exit(&mut c1, Duration::from_secs(90));
+    let code = wait_exit(&mut c1, Duration::from_secs(90));
+    let out = c1.output();
+    assert_eq!(code, Some(3), "c1 stops with the lost-session code:\n{out}");
+    assert!(
+        out.contains("could not renew its lease"),
+        "c1 says why it stopped its jobs:\n{out}"
+    );
     let runs = runs(&log);
     for (name, r) in &runs {
         for (i, a) in r.iter().enumerate() {

@@ -57,6 +57,8 @@ pub struct Health {
     /// Whether a failure, and a recovery, of each resource was told on stderr already: a
     /// resource that comes and goes is told once, then only logged.
     told: Mutex<[(bool, bool); 2]>,
+    /// When this launcher's lease on its jobs was last known held (see [`Health::lease_held`]).
+    lease_held: Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -158,6 +160,21 @@ impl Health {
                 .is_none_or(|t| now >= t.retry_at)
     }
 
+    /// The session's lease was known held at `at`: a heartbeat that started then was written,
+    /// or it failed in a way no other launcher could have written either (the database file
+    /// itself cannot be written), so nobody can have taken the jobs over.
+    pub fn lease_held(&self, at: Instant) {
+        let mut l = self.lease_held.lock().unwrap_or_else(|e| e.into_inner());
+        if l.is_none_or(|t| at > t) {
+            *l = Some(at);
+        }
+    }
+
+    /// When the lease was last known held (None before the first heartbeat).
+    pub fn lease_held_at(&self) -> Option<Instant> {
+        *self.lease_held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The current trouble with `what`, in words.
     pub fn trouble(&self, what: Resource) -> Option<String> {
         if !self.any.load(Ordering::Acquire) {
@@ -167,6 +184,27 @@ impl Health {
             .as_ref()
             .map(|t| format!("{}: {}", what.describe(), t.why))
     }
+}
+
+/// How long a launcher may go without knowing its lease held before it must stop its jobs.
+///
+/// Other launchers take a session's jobs over once it has been silent for `lease_expiry`; by
+/// then every process of those jobs must be dead, or two copies of a job run at once. Stopping
+/// takes up to `kill_grace` (SIGTERM, then SIGKILL), and heartbeats are a quarter of the expiry
+/// apart at most, so the launcher stops its jobs after three quarters of the expiry less the kill
+/// grace: 134 s with the default LEASE_EXPIRY_SECONDS of 180. Never less than two heartbeat
+/// periods, so that one slow heartbeat alone never stops a launcher.
+pub fn fence_after(lease_expiry: Duration, kill_grace: Duration) -> Duration {
+    let floor = crate::store_thread::heartbeat_period(lease_expiry) * 2;
+    lease_expiry
+        .mul_f64(0.75)
+        .saturating_sub(kill_grace)
+        .max(floor)
+}
+
+/// Whether a launcher whose lease was last known held `since` ago must stop its jobs now.
+pub fn must_fence(since: Duration, lease_expiry: Duration, kill_grace: Duration) -> bool {
+    since >= fence_after(lease_expiry, kill_grace)
 }
 
 /// Whether an I/O error comes from the file system the launcher writes to (full, over quota,
@@ -187,6 +225,33 @@ pub fn is_database_trouble(e: &balsam_store::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launcher_stops_its_jobs_before_others_may_take_them() {
+        let s = Duration::from_secs;
+        let grace = s(1);
+        // Default expiry: heartbeats every 10 s, stopped after 134 s, well before 180 s.
+        assert_eq!(fence_after(s(180), grace), s(134));
+        assert!(!must_fence(s(30), s(180), grace));
+        assert!(must_fence(s(134), s(180), grace));
+        // The shortest expiry allowed (5 s): the jobs are dead 1.25 s before the expiry.
+        let f = fence_after(s(5), grace);
+        assert_eq!(f, Duration::from_millis(2750));
+        assert!(f + grace < s(5));
+        // A kill grace as long as the expiry: never within two heartbeats.
+        assert_eq!(fence_after(s(8), s(8)), s(4));
+    }
+
+    #[test]
+    fn the_lease_is_held_as_of_the_latest_heartbeat_only() {
+        let h = Health::new();
+        assert!(h.lease_held_at().is_none());
+        let t = Instant::now();
+        h.lease_held(t + Duration::from_secs(2));
+        // A heartbeat that started earlier but ended later does not move it back.
+        h.lease_held(t);
+        assert_eq!(h.lease_held_at(), Some(t + Duration::from_secs(2)));
+    }
 
     #[test]
     fn trouble_pauses_starts_with_a_growing_backoff_until_it_works_again() {

@@ -29,7 +29,7 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 
 use crate::config::{Config, JobMode, LaunchOptions, ALLOCATION_MARGIN_MINUTES};
 use crate::executor::{Event, Executor, ExecutorConfig, Request};
-use crate::health::{Health, Resource};
+use crate::health::{self, Health, Resource};
 use crate::idle::{self, IdleDecision, IdleFacts, IdleRules};
 use crate::jobenv::LauncherContext;
 use crate::logging::LogFile;
@@ -407,6 +407,9 @@ enum Stop {
     SessionLost,
     /// The database file was removed or replaced: nothing can be recorded.
     DatabaseGone,
+    /// The lease could not be renewed for so long that other launchers may take the jobs over
+    /// soon ([`health::fence_after`]): every job is stopped first, nothing is written for them.
+    Fenced,
 }
 
 impl Stop {
@@ -415,7 +418,7 @@ impl Stop {
             Stop::Signal => KillReason::Signal,
             Stop::TimeLimit => KillReason::TimeLimit,
             Stop::Idle => KillReason::Exit,
-            Stop::SessionLost | Stop::DatabaseGone => KillReason::SessionLost,
+            Stop::SessionLost | Stop::DatabaseGone | Stop::Fenced => KillReason::SessionLost,
         }
     }
 }
@@ -547,7 +550,7 @@ impl Master<'_> {
             EXIT_DATABASE
         };
         match &self.stopping {
-            Some(Stop::SessionLost) => return EXIT_SESSION_LOST,
+            Some(Stop::SessionLost | Stop::Fenced) => return EXIT_SESSION_LOST,
             Some(Stop::DatabaseGone) => return EXIT_DATABASE,
             _ => {}
         }
@@ -666,7 +669,10 @@ impl Master<'_> {
                 }
                 FromStore::SessionLost => {
                     any = true;
-                    if self.stopping != Some(Stop::SessionLost) {
+                    if self.stopping == Some(Stop::Fenced) {
+                        // Every job is being stopped already, for this very reason.
+                        tracing::error!("session {} lost, as feared", self.session);
+                    } else if self.stopping != Some(Stop::SessionLost) {
                         tracing::error!(
                             "session {} lost: killing every job and stopping",
                             self.session
@@ -974,6 +980,22 @@ impl Master<'_> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             tracing::info!("time limit reached: stopping; running jobs become RUN_TIMEOUT");
             return self.begin_stop(Stop::TimeLimit);
+        }
+        if let Some(held) = self.health.lease_held_at() {
+            let silent = held.elapsed();
+            if health::must_fence(silent, self.cfg.lease_expiry, self.cfg.kill_grace) {
+                let msg = format!(
+                    "this launcher could not renew its lease on the database for {:.1} s ({}; LEASE_EXPIRY_SECONDS is {}), so its jobs may soon be lost to other launchers: stopping every job before they can be taken over, and exiting; the jobs run again once this session ends or expires",
+                    silent.as_secs_f64(),
+                    self.health
+                        .trouble(Resource::Database)
+                        .unwrap_or_else(|| "the database does not answer".into()),
+                    self.cfg.lease_expiry.as_secs()
+                );
+                tracing::error!("{msg}");
+                eprintln!("balsam-mpi-launcher: {msg}");
+                return self.begin_stop(Stop::Fenced);
+            }
         }
         if !self.sched.is_idle() || self.store_busy {
             self.idle_since = None;

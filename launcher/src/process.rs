@@ -415,11 +415,10 @@ impl std::fmt::Display for SpawnError {
 }
 
 /// Errors on the job's own files that mean the file system failed the launcher, not the job.
+/// The file system errors of [`crate::health`], and a directory that is missing.
 fn is_infrastructure_errno(errno: libc::c_int) -> bool {
-    matches!(
-        errno,
-        libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::ENOENT
-    )
+    errno == libc::ENOENT
+        || crate::health::is_file_system_error(&std::io::Error::from_raw_os_error(errno))
 }
 
 /// Turns the step that failed before exec, and its errno, into words and a verdict.

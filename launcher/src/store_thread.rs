@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::health::{self, Health, Resource};
 use crate::idle::{explain_not_here, Capabilities, IdleFacts, OtherSession};
 use crate::jobenv::{job_environment, LauncherContext};
-use crate::messages::{ExitStatus, JobFinished};
+use crate::messages::{ExitStatus, JobFinished, KillReason};
 use crate::process;
 pub use crate::scheduler::Class;
 use crate::scheduler::{fits_time, max_wall_minutes};
@@ -235,6 +235,8 @@ pub fn spawn(
     own_tx: Sender<ToStore>,
     tx: Sender<FromStore>,
 ) -> crate::Result<std::thread::JoinHandle<()>> {
+    // The session was registered just now.
+    health.lease_held(Instant::now());
     let store = Store::open(cfg.db.clone())?;
     let sink: crate::transitions::RunnableSink = Box::new(move |jobs| {
         let _ = own_tx.send(ToStore::Handover(jobs));
@@ -534,6 +536,12 @@ impl StoreThread {
             tail: &f.tail,
             elapsed: Duration::from_millis(f.elapsed_ms),
         };
+        if f.killed == Some(KillReason::SessionLost) {
+            // Stopped because the session is lost, or may be (the launcher fenced itself): the
+            // job stays leased as it was written, RUNNING, until the session ends (RESTART_READY
+            // then) or expires. Given back now, a RUNNING job would belong to nobody.
+            return;
+        }
         let mut plan = after_run(&job, app.as_deref(), &run, self.draining);
         if plan.transitions.is_empty() {
             // Killed by its user or a lost session, or its files could not be written: no
@@ -744,12 +752,21 @@ impl StoreThread {
         let probe = self.health.trouble(Resource::Database).is_some()
             && self.health.attempt_due(Resource::Database, Instant::now());
         if self.last_heartbeat.elapsed() >= hb || probe {
-            self.last_heartbeat = Instant::now();
+            let began = Instant::now();
+            self.last_heartbeat = began;
             match self.store.heartbeat(self.cfg.session) {
-                Ok(()) => self.database_ok_if_nothing_kept(),
+                Ok(()) => {
+                    self.health.lease_held(began);
+                    self.database_ok_if_nothing_kept()
+                }
                 Err(balsam_store::Error::SessionEnded(_)) => return self.session_lost(),
                 Err(e @ balsam_store::Error::DatabaseGone { .. }) => return self.database_gone(e),
                 Err(e) if health::is_database_trouble(&e) => {
+                    if e.blocks_every_writer() {
+                        // The file itself cannot be written (full, read-only): no launcher can
+                        // expire this session either, so the jobs stay this launcher's.
+                        self.health.lease_held(began);
+                    }
                     self.health
                         .failed(Resource::Database, &e.to_string(), Instant::now())
                 }
@@ -928,8 +945,15 @@ impl StoreThread {
         }
         self.lease_pause[i] = Duration::from_millis(50);
         let mut ready = Vec::with_capacity(jobs.len());
+        // The parents of the whole lease in one query (one round trip to a database server);
+        // should it fail, each job asks for its own and fails or goes back on its own.
+        let pks: Vec<i64> = jobs.iter().map(|j| j.pk).collect();
+        let mut parents = self.store.parent_ids_of(&pks).ok();
         for job in jobs {
-            match self.prepare(&job, class, None) {
+            let mine = parents
+                .as_mut()
+                .map(|p| p.remove(&job.pk).unwrap_or_default());
+            match self.prepare(&job, class, mine) {
                 Ok(r) => {
                     self.leased.insert(job.pk, job);
                     ready.push(r);

@@ -953,36 +953,35 @@ impl TransitionPool {
             let stop = stop.clone();
             let in_flight = in_flight.clone();
             let health = health.clone();
-            let h =
-                std::thread::Builder::new()
-                    .name(format!("transitions-{i}"))
-                    .spawn(move || {
-                        for job in rx.iter() {
-                            if !stop.load(Ordering::Relaxed) {
-                                let (cute, pk) = (job.cute_id(), job.pk);
-                                match t.process(job) {
-                                    Ok(s) => {
-                                        health.ok(Resource::JobFiles);
-                                        tracing::debug!("{cute}: {s}")
-                                    }
-                                    Err(Error::FileSystem(why)) => {
-                                        health.failed(Resource::JobFiles, &why, Instant::now())
-                                    }
-                                    Err(Error::Store(e)) if is_database_trouble(&e) => {
-                                        health.failed(
-                                            Resource::Database,
-                                            &e.to_string(),
-                                            Instant::now(),
-                                        );
-                                        release_when_back(&mut t, &[pk], &stop)
-                                    }
-                                    Err(e) => tracing::error!("{cute}: transition failed: {e}"),
+            let h = std::thread::Builder::new()
+                .name(format!("transitions-{i}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        if !stop.load(Ordering::Relaxed) {
+                            let (cute, pk) = (job.cute_id(), job.pk);
+                            match t.process(job) {
+                                Ok(s) => {
+                                    health.ok(Resource::JobFiles);
+                                    tracing::debug!("{cute}: {s}")
                                 }
+                                Err(Error::FileSystem(why)) => {
+                                    health.failed(Resource::JobFiles, &why, Instant::now())
+                                }
+                                Err(Error::Store(e)) if is_database_trouble(&e) => {
+                                    health.failed(
+                                        Resource::Database,
+                                        &e.to_string(),
+                                        Instant::now(),
+                                    );
+                                    release_when_back(&mut t, &[pk], &stop)
+                                }
+                                Err(e) => tracing::error!("{cute}: transition failed: {e}"),
                             }
-                            in_flight.fetch_sub(1, Ordering::AcqRel);
                         }
-                    })
-                    .map_err(|e| Error::io("cannot start a transition thread", e))?;
+                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                })
+                .map_err(|e| Error::io("cannot start a transition thread", e))?;
             handles.push(h);
         }
         let mut feeder = Transitions::new(db, session, opts)?;

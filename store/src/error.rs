@@ -211,6 +211,24 @@ impl Error {
         }
     }
 
+    /// Whether no writer at all can write the database now, not only this process: a full
+    /// disk, a read-only file or server, an I/O error on the file. (A server that cannot be
+    /// reached, or a lock held too long, may well be written by others meanwhile.) A launcher
+    /// whose heartbeat fails this way keeps its jobs: nobody can expire its session either.
+    pub fn blocks_every_writer(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            Error::Io { .. } => true,
+            Error::Sql(rusqlite::Error::SqliteFailure(f, _)) => {
+                matches!(f.code, C::DiskFull | C::ReadOnly | C::SystemIoFailure)
+            }
+            Error::Pg(p) => p
+                .code()
+                .is_some_and(|c| matches!(c.code(), "53100" | "25006")),
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
