@@ -279,29 +279,25 @@ fn the_talks_dag_with_input_files() {
         read(&workdir(&db, "E").join("E.out")),
         "simulated input for B\nsimulated input for C\nsimulated input for D\n"
     );
-    // B got its own input from A and nothing else; E got the three results as links.
+    // B got its own input from A and nothing else, as a copy of its own (a child never changes
+    // its parents' files); E got the three results, copied too.
     let b = workdir(&db, "B");
-    assert!(b
-        .join("B.inp")
-        .symlink_metadata()
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    let b_inp = b.join("B.inp").symlink_metadata().unwrap();
+    assert!(b_inp.file_type().is_file(), "{b_inp:?}");
     assert!(!b.join("C.inp").exists());
+    std::fs::write(b.join("B.inp"), "written by the child").unwrap();
+    assert_ne!(
+        read(&workdir(&db, "A").join("B.inp")),
+        "written by the child",
+        "the parent's file is its own"
+    );
     for n in ["B.out", "C.out", "D.out"] {
-        assert!(
-            workdir(&db, "E")
-                .join(n)
-                .symlink_metadata()
-                .unwrap()
-                .file_type()
-                .is_symlink(),
-            "{n}"
-        );
+        let m = workdir(&db, "E").join(n).symlink_metadata().unwrap();
+        assert!(m.file_type().is_file(), "{n}: {m:?}");
     }
     let h = history(&db, "E");
     assert!(
-        h.contains("AWAITING_PARENTS") && h.contains("linked 3 files from 3 parents"),
+        h.contains("AWAITING_PARENTS") && h.contains("copied 3 files from 3 parents"),
         "{h}"
     );
 }

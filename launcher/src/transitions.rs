@@ -429,15 +429,20 @@ impl Transitions {
         let patterns: Vec<&str> = job.spec.input_files.split_whitespace().collect();
         if !patterns.is_empty() {
             let parents = self.store.parents(job.pk)?;
-            let mut linked = 0;
+            let mut all = Brought::default();
             for p in &parents {
-                linked += link_parent_files(&p.workdir(&self.db.root), &p.id8(), &patterns, &wd)?;
+                let b = bring_parent_files(&p.workdir(&self.db.root), &p.id8(), &patterns, &wd)?;
+                all.copied += b.copied;
+                all.linked += b.linked;
             }
-            if linked > 0 {
-                notes.push(format!(
-                    "linked {linked} files from {} parents",
-                    parents.len()
-                ));
+            let what = match (all.copied, all.linked) {
+                (0, 0) => None,
+                (c, 0) => Some(format!("copied {c} files")),
+                (0, l) => Some(format!("linked {l} files")),
+                (c, l) => Some(format!("copied {c} files and linked {l}")),
+            };
+            if let Some(what) = what {
+                notes.push(format!("{what} from {} parents", parents.len()));
             }
         }
         Ok(notes.join("; "))
@@ -608,6 +613,9 @@ fn copy_file(from: &Path, to: &Path, overwrite: bool) -> Result<usize> {
     if !overwrite && to.symlink_metadata().is_ok() {
         return Ok(0);
     }
+    if reflink(from, to) {
+        return Ok(1);
+    }
     std::fs::copy(from, to).map_err(|e| {
         Error::io(
             format!("cannot copy {} to {}", from.display(), to.display()),
@@ -617,40 +625,112 @@ fn copy_file(from: &Path, to: &Path, overwrite: bool) -> Result<usize> {
     Ok(1)
 }
 
-/// Links a parent's files matching `patterns` into `wd`. A name already taken by another file
-/// gets `_{parent id8}` appended; a link that is already there (a restart) is kept; nothing is
-/// ever overwritten. Returns links made.
-pub fn link_parent_files(
+/// Makes `to` a reflink of `from` (FICLONE: the two share their blocks until one is written),
+/// keeping `from`'s permissions. False when the file system cannot, and nothing is left behind.
+fn reflink(from: &Path, to: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(src) = std::fs::File::open(from) else {
+        return false;
+    };
+    let Ok(meta) = src.metadata() else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(dst) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.permissions().mode() & 0o7777)
+        .open(to)
+    else {
+        return false;
+    };
+    // SAFETY: FICLONE between two open descriptors this function owns.
+    let ok = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
+    if !ok {
+        drop(dst);
+        let _ = std::fs::remove_file(to);
+    }
+    ok
+}
+
+/// The file in a job's working directory that records which parents' files were brought in
+/// (`DEST<TAB>SOURCE` per line), so that a restart brings nothing twice and overwrites nothing.
+pub const PARENT_FILES_RECORD: &str = ".balsam-parent-files";
+
+/// An `input_files` pattern that links instead of copying: `ln:*.h5`.
+const LINK_PREFIX: &str = "ln:";
+
+/// What [`bring_parent_files`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Brought {
+    /// Files (directories count their files) copied, as reflinks where the file system can.
+    pub copied: usize,
+    /// Symbolic links made (`ln:` patterns).
+    pub linked: usize,
+}
+
+/// Brings a parent's files matching `patterns` into `wd`.
+///
+/// A child must never change its parents' files, so a match is copied: a reflink where the file
+/// system has them (XFS, btrfs: instant, no space used until written), else a full copy through
+/// a temporary name, so a full disk leaves no half file. A pattern written `ln:PATTERN` makes
+/// symbolic links instead, for inputs too large to copy; the child must then only read them.
+///
+/// A name already taken in `wd` (a stage-in file, another parent's file) gets `_{parent id8}`
+/// appended; when that is taken too the file is left out. What was brought is recorded in
+/// [`PARENT_FILES_RECORD`], so a restart brings nothing again and never overwrites what the
+/// job's first run did to its copies. Names starting with a dot are matched only by patterns
+/// that start with one, as in a shell.
+pub fn bring_parent_files(
     parent_wd: &Path,
     parent_id8: &str,
     patterns: &[&str],
     wd: &Path,
-) -> Result<usize> {
+) -> Result<Brought> {
+    let mut done = Brought::default();
     if !parent_wd.is_dir() {
-        return Ok(0);
+        return Ok(done);
     }
+    let record_path = wd.join(PARENT_FILES_RECORD);
+    let record = std::fs::read_to_string(&record_path).unwrap_or_default();
+    let mut brought: HashSet<PathBuf> = record
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(_, src)| PathBuf::from(src))
+        .collect();
     let base = glob::Pattern::escape(&parent_wd.to_string_lossy());
-    let mut seen = HashSet::new();
-    let mut made = 0;
-    for pat in patterns {
-        if pat.contains('/') && pat.split('/').any(|c| c == "..") {
+    let opts = glob::MatchOptions {
+        require_literal_leading_dot: true,
+        ..glob::MatchOptions::new()
+    };
+    for raw in patterns {
+        let (link, pat) = match raw.strip_prefix(LINK_PREFIX) {
+            Some(p) => (true, p),
+            None => (false, *raw),
+        };
+        if pat.split('/').any(|c| c == "..") {
             return Err(Error::BadPattern {
                 field: "input_files",
-                pattern: pat.to_string(),
+                pattern: raw.to_string(),
                 problem: "must not leave the parent's working directory".into(),
             });
         }
         let full = format!("{base}/{pat}");
-        let matches = glob::glob(&full).map_err(|e| Error::BadPattern {
+        let matches = glob::glob_with(&full, opts).map_err(|e| Error::BadPattern {
             field: "input_files",
-            pattern: pat.to_string(),
+            pattern: raw.to_string(),
             problem: e.to_string(),
         })?;
         for m in matches.flatten() {
-            if !seen.insert(m.clone()) {
+            let Some(name) = m.file_name() else { continue };
+            if name == PARENT_FILES_RECORD || brought.contains(&m) {
                 continue;
             }
-            let Some(name) = m.file_name() else { continue };
+            // Links made by versions that linked everything count as brought.
             let target = wd.join(name);
             let alt = wd.join(format!("{}_{parent_id8}", name.to_string_lossy()));
             let link_to = |p: &Path| std::fs::read_link(p).map(|t| t == m).unwrap_or(false);
@@ -664,16 +744,67 @@ pub fn link_parent_files(
             } else {
                 continue;
             };
-            std::os::unix::fs::symlink(&m, &dest).map_err(|e| {
-                Error::io(
-                    format!("cannot link {} to {}", dest.display(), m.display()),
-                    e,
-                )
-            })?;
-            made += 1;
+            if link {
+                std::os::unix::fs::symlink(&m, &dest).map_err(|e| {
+                    Error::io(
+                        format!("cannot link {} to {}", dest.display(), m.display()),
+                        e,
+                    )
+                })?;
+                done.linked += 1;
+            } else {
+                done.copied += copy_whole(&m, &dest)?;
+            }
+            append_record(&record_path, &dest, &m)?;
+            brought.insert(m);
         }
     }
-    Ok(made)
+    Ok(done)
+}
+
+/// Copies a file or a directory tree to `dest` through a temporary name beside it, so that
+/// `dest` appears whole or not at all. Returns the files copied.
+fn copy_whole(from: &Path, dest: &Path) -> Result<usize> {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dest.with_file_name(format!(".{name}.balsam-copy"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let copied = if from.is_dir() {
+        copy_tree(from, &tmp, true)
+    } else {
+        copy_file(from, &tmp, true)
+    };
+    let n = copied
+        .and_then(|n| {
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| {
+                    Error::io(
+                        format!("cannot rename {} to {}", tmp.display(), dest.display()),
+                        e,
+                    )
+                })
+                .map(|_| n)
+        })
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+    Ok(n)
+}
+
+fn append_record(record: &Path, dest: &Path, source: &Path) -> Result<()> {
+    use std::io::Write;
+    let line = format!(
+        "{}\t{}\n",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        source.display()
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(record)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .map_err(|e| Error::io(format!("cannot write {}", record.display()), e))
 }
 
 /// Copies files of `wd` matching `patterns` to the directory `url`; returns files copied.
@@ -1157,7 +1288,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parent_files_are_linked_without_clobbering() {
+    fn parent_files_are_copied_without_clobbering_and_ln_links() {
         let tmp = tempfile::tempdir().unwrap();
         let (pa, pb, wd) = (
             tmp.path().join("a"),
@@ -1168,18 +1299,40 @@ mod tests {
             std::fs::create_dir_all(d).unwrap();
         }
         std::fs::write(pa.join("x.out"), "a").unwrap();
+        std::fs::write(pa.join(".hidden.out"), "a").unwrap();
+        std::fs::create_dir_all(pa.join("tree.out/sub")).unwrap();
+        std::fs::write(pa.join("tree.out/sub/f"), "a").unwrap();
         std::fs::write(pb.join("x.out"), "b").unwrap();
         std::fs::write(pb.join("y.dat"), "b").unwrap();
+        std::fs::write(pb.join("big.h5"), "b").unwrap();
         std::fs::write(wd.join("y.dat"), "mine").unwrap();
+        let copied = |n| Brought {
+            copied: n,
+            linked: 0,
+        };
         assert_eq!(
-            link_parent_files(&pa, "aaaaaaaa", &["*.out"], &wd).unwrap(),
-            1
+            bring_parent_files(&pa, "aaaaaaaa", &["*.out"], &wd).unwrap(),
+            copied(2)
         );
         assert_eq!(
-            link_parent_files(&pb, "bbbbbbbb", &["*.out", "*.dat"], &wd).unwrap(),
-            2
+            bring_parent_files(&pb, "bbbbbbbb", &["*.out", "*.dat", "ln:*.h5"], &wd).unwrap(),
+            Brought {
+                copied: 2,
+                linked: 1
+            }
+        );
+        let kind = |n: &str| wd.join(n).symlink_metadata().unwrap().file_type();
+        assert!(kind("x.out").is_file() && kind("tree.out").is_dir());
+        assert!(kind("big.h5").is_symlink());
+        assert!(
+            !wd.join(".hidden.out").exists(),
+            "dot files need a dot pattern"
         );
         assert_eq!(std::fs::read_to_string(wd.join("x.out")).unwrap(), "a");
+        assert_eq!(
+            std::fs::read_to_string(wd.join("tree.out/sub/f")).unwrap(),
+            "a"
+        );
         assert_eq!(
             std::fs::read_to_string(wd.join("x.out_bbbbbbbb")).unwrap(),
             "b"
@@ -1189,16 +1342,37 @@ mod tests {
             std::fs::read_to_string(wd.join("y.dat_bbbbbbbb")).unwrap(),
             "b"
         );
-        // A restart stages in again: nothing new, nothing overwritten, no error.
+        // The child writes its copy: the parent's file is untouched.
+        std::fs::write(wd.join("x.out"), "written by the child").unwrap();
+        assert_eq!(std::fs::read_to_string(pa.join("x.out")).unwrap(), "a");
+        // A restart brings nothing again and keeps what the first run did to its copies.
         assert_eq!(
-            link_parent_files(&pa, "aaaaaaaa", &["*.out"], &wd).unwrap(),
-            0
+            bring_parent_files(&pa, "aaaaaaaa", &["*.out"], &wd).unwrap(),
+            copied(0)
         );
         assert_eq!(
-            link_parent_files(&pb, "bbbbbbbb", &["*.out", "*.dat"], &wd).unwrap(),
-            0
+            bring_parent_files(&pb, "bbbbbbbb", &["*.out", "*.dat", "ln:*.h5"], &wd).unwrap(),
+            copied(0)
         );
-        assert!(link_parent_files(&pa, "aaaaaaaa", &["../*"], &wd).is_err());
+        assert_eq!(
+            std::fs::read_to_string(wd.join("x.out")).unwrap(),
+            "written by the child"
+        );
+        // A grandchild with "*" never takes the record as a file.
+        let wd2 = tmp.path().join("d");
+        std::fs::create_dir_all(&wd2).unwrap();
+        bring_parent_files(&wd, "cccccccc", &["*", ".*"], &wd2).unwrap();
+        let rec = std::fs::read_to_string(wd2.join(PARENT_FILES_RECORD)).unwrap();
+        assert!(!rec.contains(PARENT_FILES_RECORD), "{rec}");
+        assert!(bring_parent_files(&pa, "aaaaaaaa", &["../*"], &wd).is_err());
+        assert!(bring_parent_files(&pa, "aaaaaaaa", &["ln:../*"], &wd).is_err());
+        // No temporary copies are left behind.
+        let left: Vec<_> = std::fs::read_dir(&wd)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".balsam-copy"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -163,7 +163,7 @@ fn process_pending_takes_jobs_to_runnable_and_respects_parents() {
     assert_eq!(
         std::fs::read_to_string(wd.join("result.txt")).unwrap(),
         "42",
-        "linked from the parent"
+        "copied from the parent"
     );
     assert_eq!(
         std::fs::read_to_string(wd.join("pre.txt")).unwrap(),

@@ -66,7 +66,7 @@ pub struct JobFlags {
     /// none or depth
     #[arg(long, value_name = "AFFINITY", value_parser = field_value("cpu_affinity"))]
     pub cpu_affinity: Option<String>,
-    /// Glob patterns of parents' files to link in
+    /// Glob patterns of parents' files to copy in (ln:PATTERN: link, for huge inputs)
     #[arg(long, value_parser = field_value("input_files"))]
     pub input_files: Option<String>,
     /// File or directory copied in before the run

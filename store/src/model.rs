@@ -19,7 +19,7 @@ pub struct JobSpec {
     pub name: String,
     /// Free text.
     pub description: String,
-    /// Glob patterns of parents' files to link into the working directory.
+    /// Glob patterns of parents' files to copy into the working directory (`ln:PATTERN` links).
     pub input_files: String,
     /// A file or directory copied into the working directory before the run.
     pub stage_in_url: String,

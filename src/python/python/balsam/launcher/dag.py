@@ -52,7 +52,7 @@ _FIELD_DOCS = {
     "workflow": "Workflow label, used to filter launchers and listings.",
     "name": "Job name; with the id's first 8 characters it names the working directory.",
     "description": "Free text.",
-    "input_files": "Glob patterns of parents' files to link into the working directory.",
+    "input_files": "Glob patterns of parents' files to copy into the working directory (ln:PATTERN links).",
     "stage_in_url": "A file or directory copied into the working directory before the run.",
     "stage_out_files": "Glob patterns of files to copy out after the run.",
     "stage_out_url": "Where stage-out copies to.",
