@@ -5,6 +5,10 @@
 #
 #   bash launcher/bench/throughput.sh [N]
 #
+# Runs on each backend of BACKENDS (default "sqlite postgres": the embedded file, and a private
+# PostgreSQL server made with `balsam init --postgres`) in the same run, and prints PostgreSQL's
+# figures as a ratio to SQLite's (target: within 10%).
+#
 # Prints, each measured here and now:
 #   - loop:      two threads spawning and waiting for /bin/true in a loop (examples/spawn_baseline),
 #                the ceiling of any task farm on this machine, run before and after the launcher
@@ -28,23 +32,28 @@ case "$fs" in
     tmpfs|ramfs) echo "warning: $BENCH_DIR is $fs, not a disk: per-job files cost less than at a real site" >&2 ;;
 esac
 work="$(mktemp -d "$BENCH_DIR/balsam-throughput.XXXXXX")"
-cleanup() { [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+backends="${BACKENDS:-sqlite postgres}"
+servers=()
+cleanup() {
+    local s
+    for s in "${servers[@]}"; do "$root/target/release/balsam" server stop --db "$s" >/dev/null 2>&1 || true; done
+    [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
 trap cleanup EXIT
 
 command -v sqlite3 >/dev/null || { echo "needs sqlite3 (apt-get install sqlite3)" >&2; exit 1; }
+case " $backends " in
+    *" postgres "*) bash "$root/src/scripts/install-deps.sh" --postgres --quiet ;;
+esac
 (cd "$root" && cargo build --release --workspace --quiet && cargo build --release -p balsam-launcher --examples --quiet)
 bin="$root/target/release"
 export PATH="$bin:$PATH"
-export BALSAM_DB_PATH="$work/db"
-balsam init "$BALSAM_DB_PATH" >/dev/null
-balsam app --name true --executable /bin/true >/dev/null
 awk -v n="$n" 'BEGIN { for (i = 0; i < n; i++) printf "{\"name\":\"t%d\",\"workflow\":\"bench\",\"application\":\"true\"}\n", i }' > "$work/jobs.jsonl"
-balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 rate() { awk -v n="$1" -v t="$2" 'BEGIN { printf "%.0f", n / t }'; }
 
-# The machine's limit, measured before and after the launcher: the ratios use their mean, and a
+# The machine's limit, measured before and after the launchers: the ratios use their mean, and a
 # spread above 10% means the machine was not quiet (other work ran meanwhile).
 read -r _ loop1_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
 
@@ -57,34 +66,63 @@ if [ "${PARALLEL:-1}" != 0 ] && command -v parallel >/dev/null; then
     par_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print (b - a) / 1e6 }')
 fi
 
-# The launcher, with its default idle rules.
-t0_us=$(date +%s%6N)
-MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
-    2> "$work/launcher.log"
-t1_us=$(date +%s%6N)
+# One SQL query on the database of backend $1 in directory $2.
+q() {
+    case $1 in
+        sqlite) sqlite3 "$2/balsamdb.sqlite3" "$3" ;;
+        postgres)
+            local host port user dbname
+            read -r host port user dbname < <(python3 -c 'import json,sys; i=json.load(open(sys.argv[1])); print(i["host"], i["port"], i["user"], i["dbname"])' "$2/server-info")
+            PGPASSFILE="$2/pgpass" psql -X -A -t -q -h "$host" -p "$port" -U "$user" -d "$dbname" -c "$3" ;;
+    esac
+}
+
+declare -A DONE EXIT RUN
+for be in $backends; do
+    db="$work/db-$be"
+    case $be in
+        sqlite) balsam init "$db" >/dev/null ;;
+        postgres) balsam init "$db" --postgres >/dev/null 2>&1; servers+=("$db") ;;
+        *) echo "unknown backend $be (sqlite or postgres)" >&2; exit 2 ;;
+    esac
+    export BALSAM_DB_PATH="$db"
+    balsam app --name true --executable /bin/true >/dev/null
+    balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
+    # The launcher, with its default idle rules.
+    t0_us=$(date +%s%6N)
+    MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
+        2> "$work/launcher-$be.log"
+    t1_us=$(date +%s%6N)
+    # Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
+    finished=$(q "$be" "$db" "SELECT count(*) FROM jobs WHERE state = 8")
+    [ "$finished" = "$n" ] || { echo "$be: only $finished of $n jobs finished; see $work/launcher-$be.log" >&2; KEEP=1; exit 1; }
+    first_running=$(q "$be" "$db" "SELECT min(time_us) FROM events WHERE to_state = 5")
+    last_done=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 6")
+    last_finished=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 8")
+    DONE[$be]=$(awk -v a="$t0_us" -v b="$last_finished" 'BEGIN { print (b - a) / 1e6 }')
+    EXIT[$be]=$(awk -v a="$t0_us" -v b="$t1_us" 'BEGIN { print (b - a) / 1e6 }')
+    RUN[$be]=$(awk -v a="$first_running" -v b="$last_done" 'BEGIN { print (b - a) / 1e6 }')
+done
+
 read -r _ loop2_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
 loop_s=$(awk -v a="$loop1_s" -v b="$loop2_s" 'BEGIN { print (a + b) / 2 }')
 spread=$(awk -v a="$loop1_s" -v b="$loop2_s" 'BEGIN { d = a - b; if (d < 0) d = -d; printf "%.0f", 100 * d / ((a + b) / 2) }')
-# Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
-q() { sqlite3 "$BALSAM_DB_PATH/balsamdb.sqlite3" "$1"; }
-finished=$(q "SELECT count(*) FROM jobs WHERE state = 8")
-[ "$finished" = "$n" ] || { echo "only $finished of $n jobs finished; see $work/launcher.log" >&2; KEEP=1; exit 1; }
-first_running=$(q "SELECT min(time_us) FROM events WHERE to_state = 5")
-last_done=$(q "SELECT max(time_us) FROM events WHERE to_state = 6")
-last_finished=$(q "SELECT max(time_us) FROM events WHERE to_state = 8")
-done_s=$(awk -v a="$t0_us" -v b="$last_finished" 'BEGIN { print (b - a) / 1e6 }')
-exit_s=$(awk -v a="$t0_us" -v b="$t1_us" 'BEGIN { print (b - a) / 1e6 }')
-run_s=$(awk -v a="$first_running" -v b="$last_done" 'BEGIN { print (b - a) / 1e6 }')
 loop_rate=$(rate "$n" "$loop_s")
 
-echo "balsam launcher throughput: $n jobs of /bin/true, 1 master + $workers workers, $(nproc) cores, database in $BENCH_DIR ($fs)"
-printf '  loop (2 threads spawn+wait):      %6.2f s  %5d jobs/s  (the limit; %.2f s before the launcher, %.2f s after)\n' "$loop_s" "$loop_rate" "$loop1_s" "$loop2_s"
+echo "balsam launcher throughput: $n jobs of /bin/true, 1 master + $workers workers, $(nproc) cores, databases in $BENCH_DIR ($fs)"
+printf '  loop (2 threads spawn+wait):      %6.2f s  %5d jobs/s  (the limit; %.2f s before the launchers, %.2f s after)\n' "$loop_s" "$loop_rate" "$loop1_s" "$loop2_s"
 if [ -n "$par_s" ]; then
     printf '  GNU parallel -j2:                 %6.2f s  %5d jobs/s  %s of the loop\n' "$par_s" "$(rate "$n" "$par_s")" "$(ratio "$loop_s" "$par_s")"
 fi
-printf '  launcher, start to last finished: %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$done_s" "$(rate "$n" "$done_s")" "$(ratio "$loop_s" "$done_s")"
-printf '  launcher, start to exit:          %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$exit_s" "$(rate "$n" "$exit_s")" "$(ratio "$loop_s" "$exit_s")"
-printf '  launcher, run phase:              %6.2f s  %5d jobs/s  %s of the loop\n' "$run_s" "$(rate "$n" "$run_s")" "$(ratio "$loop_s" "$run_s")"
+for be in $backends; do
+    printf '  %-8s start to last finished:   %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$be" "${DONE[$be]}" "$(rate "$n" "${DONE[$be]}")" "$(ratio "$loop_s" "${DONE[$be]}")"
+    printf '  %-8s start to exit:            %6.2f s  %5d jobs/s  %s of the loop (target >= 0.7)\n' "$be" "${EXIT[$be]}" "$(rate "$n" "${EXIT[$be]}")" "$(ratio "$loop_s" "${EXIT[$be]}")"
+    printf '  %-8s run phase:                %6.2f s  %5d jobs/s  %s of the loop\n' "$be" "${RUN[$be]}" "$(rate "$n" "${RUN[$be]}")" "$(ratio "$loop_s" "${RUN[$be]}")"
+done
+if [ -n "${DONE[sqlite]:-}" ] && [ -n "${DONE[postgres]:-}" ]; then
+    printf '  postgres / sqlite time, to last finished: %s, to exit: %s (target <= 1.10)\n' \
+        "$(ratio "${DONE[postgres]}" "${DONE[sqlite]}")" "$(ratio "${EXIT[postgres]}" "${EXIT[sqlite]}")"
+fi
 if [ "$spread" -gt 10 ]; then
     echo "  warning: the two loop runs differ by $spread%: the machine was not quiet; run again" >&2
 fi

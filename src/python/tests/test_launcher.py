@@ -49,7 +49,7 @@ def test_deephyper_master_adds_tasks_and_waits_for_them(cli, db, tmp_path):
             futures = []
             for i in range(10):
                 job = add_job(name=f"eval{i}", workflow=current_job.workflow,
-                              application="evaluate", args=str(i), node_packing_count=2)
+                              application="evaluate", args=str(i))
                 futures.append(FutureTask(job, on_done))
             active, done, failed, cancelled = wait(futures, return_when="ALL_COMPLETED", timeout=240)
             assert not active and not failed and not cancelled, (active, failed, cancelled)
@@ -58,10 +58,9 @@ def test_deephyper_master_adds_tasks_and_waits_for_them(cli, db, tmp_path):
                     f.write(f"{fut.job.name} {fut.result()}\\n")
         """),
     ).save()
-    # The search process is light: it shares a node with one task (node_packing_count=2), as
-    # DeepHyper's master did. (A master that took a whole node would find the tasks the
-    # launcher queued on that node waiting for it.)
-    master = BalsamJob(name="master", workflow="hpo", application="search", node_packing_count=2)
+    # Every job takes a whole node (node_packing_count 1): the master holds one of the two
+    # workers while it waits, and its tasks must all run on the other, none queued behind it.
+    master = BalsamJob(name="master", workflow="hpo", application="search")
     master.save()
 
     code, log = run_launcher(cli, tmp_path)
