@@ -463,7 +463,9 @@ fn cobalt_submit_launch_as_in_the_talk() {
         "{log}"
     );
 
-    // The launch runs the ten jobs.
+    // The launch runs the ten jobs. Its states are watched from the submission on: with
+    // nothing left to do, the launcher leaves at once, so the launch may be running only briefly.
+    let seen = site.wait_launch_finished(launch_id);
     site.wait_jobs_finished();
     for i in 1..=10 {
         let name = format!("test{i}");
@@ -479,7 +481,6 @@ fn cobalt_submit_launch_as_in_the_talk() {
             format!("Hello, world {i}!\n")
         );
     }
-    let seen = site.wait_launch_finished(launch_id);
     assert!(
         seen.iter().any(|s| s == "running"),
         "the refresh saw the launch run: {seen:?}"
@@ -764,8 +765,9 @@ fn pbs_submit_launch_runs_the_jobs() {
             .any(|l| l.split_whitespace().nth(1) == Some(sid.as_str())),
         "{sid} not in:\n{table}"
     );
-    site.wait_jobs_finished();
+    // Watched from the submission on, as above.
     let seen = site.wait_launch_finished(id);
+    site.wait_jobs_finished();
     assert!(seen.iter().any(|s| s == "running"), "{seen:?}");
     let table = site.run(&["ls", "queues"]).ok().to_string();
     let row = table
