@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{read, run_cmd, set_settings, Db, Run, TIMEOUT};
+use common::{process_tree, read, run_cmd, set_settings, Db, Run, TIMEOUT};
 use serde_json::json;
 
 /// `ls --json`: every job's name, sorted.
@@ -375,34 +375,6 @@ fn rm_lists_what_it_would_remove_and_asks() {
         "Removed 1 job(s)\n"
     );
     assert_eq!(names(&db).len(), 7);
-}
-
-/// Pids of `root` and its descendants, from /proc.
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut parent_of: Vec<(i32, i32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some(ppid) = stat
-            .rsplit_once(") ")
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-        {
-            parent_of.push((pid, ppid));
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        out.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    out
 }
 
 #[test]

@@ -7,10 +7,13 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{history, job, read, repo_root, run_cmd, set_settings, wait_for, Db, Run};
+use common::{
+    alive, history, job, process_tree, read, repo_root, run_cmd, set_settings, wait_until,
+    Background, Db, Run,
+};
 use serde_json::Value;
 
 /// Bound of one launcher run.
@@ -44,125 +47,10 @@ fn launcher(db: &Db, workers: u32, extra: &[&str]) -> Run {
     run_cmd(launcher_cmd(db, workers, extra), LAUNCHER_TIMEOUT, None)
 }
 
-/// A launcher running in the background; its whole process tree dies with it.
-struct Background {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Background {
-    fn start(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-        use std::os::unix::process::CommandExt;
-        let log = db.tmp.path().join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let mut c = launcher_cmd(db, workers, extra);
-        c.stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .stdin(Stdio::null())
-            .process_group(0);
-        Background {
-            child: Some(c.spawn().expect("start balsam launcher")),
-            log,
-        }
-    }
-
-    /// Waits for it to exit by itself; kills it after `timeout`. Returns the exit code.
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st.code();
-            }
-            if t.elapsed() > timeout {
-                kill_tree(child.id() as i32, libc::SIGKILL);
-                let _ = child.wait();
-                panic!(
-                    "launcher still running after {timeout:?}:\n{}",
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// kill -9 of the launcher and everything it started.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            kill_tree(child.id() as i32, libc::SIGKILL);
-            let _ = child.wait();
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Pids of `root` and all its descendants (from /proc).
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        if let Some(k) = children.get(&out[i]) {
-            out.extend(k);
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Stops a tree top-down first (so no parent restarts what dies), then kills it all.
-fn kill_tree(root: i32, sig: i32) {
-    let pids = process_tree(root);
-    for p in &pids {
-        // SAFETY: signals processes of the test's own tree.
-        unsafe { libc::kill(*p, libc::SIGSTOP) };
-    }
-    for p in process_tree(root).into_iter().chain(pids) {
-        // SAFETY: as above.
-        unsafe { libc::kill(p, sig) };
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(") ")
-            .map(|(_, r)| r.starts_with('Z'))
-            .unwrap_or(true),
-        Err(_) => false,
-    }
-}
-
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
-    assert!(
-        wait_for(timeout, Duration::from_millis(100), f),
-        "timed out after {timeout:?} waiting for {what}"
-    );
+/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
+fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
+    let log = db.tmp.path().join(format!("{name}.log"));
+    Background::start(launcher_cmd(db, workers, extra), log)
 }
 
 fn jobs(db: &Db) -> Vec<Value> {
@@ -502,7 +390,7 @@ fn killjob_stops_a_running_job_within_seconds() {
         "sleeper",
         &["--args", &format!("{log} k1 60")],
     );
-    let mut bg = Background::start(&db, 1, &[], "kill");
+    let mut bg = background(&db, 1, &[], "kill");
     let wd = workdir(&db, "k1");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("k1") == "RUNNING" && wd.join("pid").exists()
@@ -647,7 +535,7 @@ fn kill_9_of_the_launcher_loses_no_job_and_runs_none_twice() {
             ],
         );
     }
-    let mut bg = Background::start(&db, 2, &[], "crash");
+    let mut bg = background(&db, 2, &[], "crash");
     wait_until("four jobs running", Duration::from_secs(60), || {
         states(&db).values().filter(|s| *s == "RUNNING").count() == 4
     });
@@ -689,8 +577,8 @@ fn two_launchers_on_one_database_run_every_job_once() {
     std::fs::write(&file, lines).unwrap();
     db.run(&["job", "--from-file", file.to_str().unwrap(), "--yes"])
         .ok();
-    let mut a = Background::start(&db, 2, &[], "a");
-    let mut b = Background::start(&db, 2, &[], "b");
+    let mut a = background(&db, 2, &[], "a");
+    let mut b = background(&db, 2, &[], "b");
     assert_eq!(a.wait(LAUNCHER_TIMEOUT), Some(0), "{}", a.output());
     assert_eq!(b.wait(LAUNCHER_TIMEOUT), Some(0), "{}", b.output());
     let ran: Vec<String> = read(&log).lines().map(String::from).collect();
@@ -709,11 +597,11 @@ fn sigterm_stops_the_launcher_cleanly_and_its_jobs_run_again() {
     for n in ["g1", "g2"] {
         db.add_job(n, "sig", "long", &["--args", &format!("{log} {n} 60")]);
     }
-    let mut bg = Background::start(&db, 2, &["--kill-grace-seconds", "1"], "sigterm");
+    let mut bg = background(&db, 2, &["--kill-grace-seconds", "1"], "sigterm");
     wait_until("both jobs running", Duration::from_secs(60), || {
         states(&db).values().filter(|s| *s == "RUNNING").count() == 2
     });
-    let pid = bg.child.as_ref().unwrap().id() as i32;
+    let pid = bg.pid();
     // SAFETY: signals the launcher this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let t = Instant::now();
@@ -747,7 +635,7 @@ fn a_crashed_rank_ends_the_launcher_and_its_jobs_and_another_launcher_recovers()
         "long",
         &["--args", &format!("{} c1 60", log.display())],
     );
-    let mut bg = Background::start(&db, 2, &[], "rank-crash");
+    let mut bg = background(&db, 2, &[], "rank-crash");
     let wd = workdir(&db, "c1");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("c1") == "RUNNING" && wd.join("pid").exists()
@@ -837,14 +725,14 @@ fn a_launcher_that_lost_its_session_kills_its_jobs_and_writes_nothing() {
         "long",
         &["--args", &format!("{} z1 60", log.display())],
     );
-    let mut first = Background::start(&db, 1, &[], "frozen");
+    let mut first = background(&db, 1, &[], "frozen");
     let wd = workdir(&db, "z1");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("z1") == "RUNNING" && wd.join("pid").exists()
     });
     let job_pid: i32 = read(&wd.join("pid")).trim().parse().unwrap();
     // Freeze the whole first launcher, job included, past the lease expiry.
-    let root = first.child.as_ref().unwrap().id() as i32;
+    let root = first.pid();
     let frozen = process_tree(root);
     for p in &frozen {
         // SAFETY: stops processes of the test's own launcher.

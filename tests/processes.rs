@@ -12,10 +12,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{history, job, repo_root, run_cmd, Db, Run};
+use common::{
+    alive, history, job, process_tree, repo_root, run_cmd, wait_until, Background, Db, Run,
+};
 
 /// Bound of one launcher run.
 const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
@@ -161,161 +163,47 @@ fn processes() -> Vec<(u32, String)> {
     out
 }
 
-/// Pids of `root` and all its descendants (from /proc).
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        if let Some(k) = children.get(&out[i]) {
-            out.extend(k);
-        }
-        i += 1;
-    }
-    out
-}
-
 fn cmdline(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .unwrap_or_default()
 }
 
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(") ")
-            .map(|(_, r)| r.starts_with('Z'))
-            .unwrap_or(true),
-        Err(_) => false,
-    }
+/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
+fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
+    let log = db.tmp.path().join(format!("{name}.log"));
+    Background::start(launcher_cmd(db, workers, extra), log)
 }
 
-/// A launcher running in the background; its whole process tree is killed if the test ends
-/// while it runs.
-struct Background {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Background {
-    fn start(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-        use std::os::unix::process::CommandExt;
-        let log = db.tmp.path().join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let mut c = launcher_cmd(db, workers, extra);
-        c.stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .stdin(Stdio::null())
-            .process_group(0);
-        Background {
-            child: Some(c.spawn().expect("start balsam launcher")),
-            log,
+/// The launcher's MPI ranks (not their nurseries), by rank.
+fn ranks(bg: &Background) -> HashMap<u32, i32> {
+    let mut out = HashMap::new();
+    for p in process_tree(bg.pid()) {
+        if !cmdline(p).starts_with(
+            &common::sibling_bin("balsam-mpi-launcher")
+                .display()
+                .to_string(),
+        ) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+        let rank = env
+            .split(|b| *b == 0)
+            .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix("PMI_RANK="))
+            .find_map(|r| r.parse::<u32>().ok());
+        if let Some(r) = rank {
+            out.insert(r, p);
         }
     }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    /// The launcher's MPI ranks (not their nurseries), by rank.
-    fn ranks(&self) -> HashMap<u32, i32> {
-        let mut out = HashMap::new();
-        for p in process_tree(self.pid()) {
-            if !cmdline(p).starts_with(
-                &common::sibling_bin("balsam-mpi-launcher")
-                    .display()
-                    .to_string(),
-            ) {
-                continue;
-            }
-            let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
-            let rank = env
-                .split(|b| *b == 0)
-                .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix("PMI_RANK="))
-                .find_map(|r| r.parse::<u32>().ok());
-            if let Some(r) = rank {
-                out.insert(r, p);
-            }
-        }
-        out
-    }
-
-    /// The launcher's process nurseries.
-    fn nurseries(&self) -> Vec<i32> {
-        process_tree(self.pid())
-            .into_iter()
-            .filter(|p| cmdline(*p).starts_with("balsam-nursery"))
-            .collect()
-    }
-
-    /// Waits for it to exit by itself; kills it after `timeout`. Returns the exit code.
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st.code();
-            }
-            if t.elapsed() > timeout {
-                kill_tree(child.id() as i32);
-                let _ = child.wait();
-                panic!(
-                    "launcher still running after {timeout:?}:\n{}",
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+    out
 }
 
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            kill_tree(child.id() as i32);
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Stops a tree top-down first (so no parent restarts what dies), then kills it all.
-fn kill_tree(root: i32) {
-    let pids = process_tree(root);
-    for p in &pids {
-        // SAFETY: signals processes of the test's own tree.
-        unsafe { libc::kill(*p, libc::SIGSTOP) };
-    }
-    for p in process_tree(root).into_iter().chain(pids) {
-        // SAFETY: as above.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-}
-
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
-    assert!(
-        common::wait_for(timeout, Duration::from_millis(50), f),
-        "timed out after {timeout:?} waiting for {what}"
-    );
+/// The launcher's process nurseries.
+fn nurseries(bg: &Background) -> Vec<i32> {
+    process_tree(bg.pid())
+        .into_iter()
+        .filter(|p| cmdline(*p).starts_with("balsam-nursery"))
+        .collect()
 }
 
 fn workdir(db: &Db, name: &str) -> PathBuf {
@@ -363,7 +251,7 @@ fn a_jobs_children_die_when_it_ends_and_it_still_finishes() {
     let two = ["--node-packing-count", "2"];
     tree_job(&db, "leaver", 71000, "2", false, &two);
     tree_job(&db, "busy", 71100, "12", false, &two);
-    let mut bg = Background::start(&db, 1, &[], "ends");
+    let mut bg = background(&db, 1, &[], "ends");
     marks.wait_all_present();
     wait_until("the job to finish", Duration::from_secs(60), || {
         db.state_of("leaver") == "JOB_FINISHED"
@@ -382,7 +270,7 @@ fn killjob_kills_a_job_that_ignores_sigterm_with_its_children_within_the_promise
     let marks = Marked::new(&[72000]);
     tree_job(&db, "stubborn", 72000, "72003", true, &[]);
     let id = db.job_id("stubborn");
-    let mut bg = Background::start(&db, 1, &[], "killjob");
+    let mut bg = background(&db, 1, &[], "killjob");
     wait_until("the job to run", Duration::from_secs(60), || {
         started(&db, "stubborn")
     });
@@ -430,7 +318,7 @@ fn a_job_past_its_wall_time_dies_with_its_children() {
         false,
         &["--wall-time-minutes", "1", "--disable-auto-timeout-retry"],
     );
-    let mut bg = Background::start(&db, 1, &["--enforce-wall-time"], "walltime");
+    let mut bg = background(&db, 1, &["--enforce-wall-time"], "walltime");
     marks.wait_all_present();
     wait_until("the wall time to pass", Duration::from_secs(120), || {
         db.state_of("overtime") != "RUNNING"
@@ -487,13 +375,13 @@ fn sigterm_to_the_launcher_leaves_no_process_of_any_job() {
     );
     // A preprocess script, run by rank 0, that leaves its processes too.
     db.add_job("pre", "tree", "slow-pre", &[]);
-    let mut bg = Background::start(&db, 2, &[], "sigterm");
+    let mut bg = background(&db, 2, &[], "sigterm");
     marks.wait_all_present();
     let running = common::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
         db.state_of("serial") == "RUNNING" && db.state_of("mpi") == "RUNNING"
     });
     assert!(running, "both jobs running:\n{}", db.run(&["ls"]).ok());
-    let nurseries = bg.nurseries();
+    let nurseries = nurseries(&bg);
     // SAFETY: signals the launcher this test started.
     unsafe { libc::kill(bg.pid(), libc::SIGTERM) };
     assert_eq!(bg.wait(Duration::from_secs(60)), Some(0), "{}", bg.output());
@@ -531,11 +419,11 @@ fn kill_9_leaves_nothing(workers: u32, mpi: bool, victim: u32, base: u32) {
         bases.push(b);
     }
     let marks = Marked::new(&bases);
-    let mut bg = Background::start(&db, workers, &[], "kill9");
+    let mut bg = background(&db, workers, &[], "kill9");
     marks.wait_all_present();
-    let ranks = bg.ranks();
+    let ranks = ranks(&bg);
     assert_eq!(ranks.len(), workers as usize + 1, "{ranks:?}");
-    let nurseries = bg.nurseries();
+    let nurseries = nurseries(&bg);
     // SAFETY: kills a rank of the launcher this test started.
     unsafe { libc::kill(ranks[&victim], libc::SIGKILL) };
     let took = marks.wait_gone(Duration::from_secs(10));

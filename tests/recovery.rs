@@ -9,10 +9,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{history, job, read, repo_root, run_cmd, wait_for, Db, Run};
+use common::{alive, history, job, read, repo_root, run_cmd, wait_until, Background, Db, Run};
 
 /// Bound of one launcher run.
 const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
@@ -38,132 +38,10 @@ fn launcher(db: &Db, workers: u32, extra: &[&str]) -> Run {
     run_cmd(launcher_cmd(db, workers, extra), LAUNCHER_TIMEOUT, None)
 }
 
-/// A launcher running in the background; its whole process tree dies with it.
-struct Background {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Background {
-    fn start(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-        use std::os::unix::process::CommandExt;
-        let log = db.tmp.path().join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let mut c = launcher_cmd(db, workers, extra);
-        c.stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .stdin(Stdio::null())
-            .process_group(0);
-        Background {
-            child: Some(c.spawn().expect("start balsam launcher")),
-            log,
-        }
-    }
-
-    /// Waits for it to exit by itself; kills it after `timeout`. Returns the exit code.
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st.code();
-            }
-            if t.elapsed() > timeout {
-                kill_tree(child.id() as i32, libc::SIGKILL);
-                let _ = child.wait();
-                panic!(
-                    "launcher still running after {timeout:?}:\n{}",
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether it exited; its exit code then.
-    fn exited(&mut self) -> Option<Option<i32>> {
-        let st = self.child.as_mut()?.try_wait().unwrap()?;
-        self.child = None;
-        Some(st.code())
-    }
-
-    /// kill -9 of the launcher and everything it started.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            kill_tree(child.id() as i32, libc::SIGKILL);
-            let _ = child.wait();
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Pids of `root` and all its descendants (from /proc).
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        if let Some(k) = children.get(&out[i]) {
-            out.extend(k);
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Stops a tree top-down first (so no parent restarts what dies), then kills it all.
-fn kill_tree(root: i32, sig: i32) {
-    let pids = process_tree(root);
-    for p in &pids {
-        // SAFETY: signals processes of the test's own tree.
-        unsafe { libc::kill(*p, libc::SIGSTOP) };
-    }
-    for p in process_tree(root).into_iter().chain(pids) {
-        // SAFETY: as above.
-        unsafe { libc::kill(p, sig) };
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(") ")
-            .map(|(_, r)| r.starts_with('Z'))
-            .unwrap_or(true),
-        Err(_) => false,
-    }
-}
-
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
-    assert!(
-        wait_for(timeout, Duration::from_millis(100), f),
-        "timed out after {timeout:?} waiting for {what}"
-    );
+/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
+fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
+    let log = db.tmp.path().join(format!("{name}.log"));
+    Background::start(launcher_cmd(db, workers, extra), log)
 }
 
 fn states(db: &Db) -> HashMap<String, String> {
@@ -224,7 +102,7 @@ fn a_short_job_never_waits_behind_a_long_one_while_a_worker_idles() {
         );
     }
     let t = Instant::now();
-    let mut bg = Background::start(&db, 2, &[], "order");
+    let mut bg = background(&db, 2, &[], "order");
     // With 2 workers: the long job on one, the short ones one after the other on the other.
     wait_until(
         "the short jobs to finish while the long one runs",
@@ -311,8 +189,8 @@ fn two_launchers_share_a_small_campaign() {
             &["--args", &format!("{} 8 {name}", log.display())],
         );
     }
-    let mut a = Background::start(&db, 2, &[], "a");
-    let mut b = Background::start(&db, 2, &[], "b");
+    let mut a = background(&db, 2, &[], "a");
+    let mut b = background(&db, 2, &[], "b");
     assert_eq!(a.wait(LAUNCHER_TIMEOUT), Some(0), "{}", a.output());
     assert_eq!(b.wait(LAUNCHER_TIMEOUT), Some(0), "{}", b.output());
     assert!(states(&db).values().all(|s| s == "JOB_FINISHED"));
@@ -350,7 +228,7 @@ fn after_kill_9_another_launcher_on_this_host_recovers_at_once() {
             ],
         );
     }
-    let mut bg = Background::start(&db, 2, &[], "crash");
+    let mut bg = background(&db, 2, &[], "crash");
     wait_until("four jobs running", Duration::from_secs(60), || {
         count_in(&states(&db), "RUNNING") == 4
     });
@@ -400,7 +278,7 @@ fn a_job_removed_while_it_runs_is_stopped_and_dropped_and_the_others_are_written
         "record",
         &["--args", &format!("{} 4 other", rlog.display())],
     );
-    let mut bg = Background::start(&db, 2, &[], "rm");
+    let mut bg = background(&db, 2, &[], "rm");
     let wd = workdir(&db, "victim");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("victim") == "RUNNING" && wd.join("pid").exists()
@@ -437,7 +315,7 @@ fn a_job_a_user_sets_to_another_state_while_it_runs_is_stopped_and_left_to_that_
         "long",
         &["--args", &format!("{} m 60", flog.display())],
     );
-    let mut bg = Background::start(&db, 2, &[], "modify");
+    let mut bg = background(&db, 2, &[], "modify");
     let wd = workdir(&db, "m");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("m") == "RUNNING" && wd.join("pid").exists()
@@ -517,7 +395,7 @@ fn a_read_only_database_directory_fails_no_job_and_the_launcher_says_so() {
     std::fs::write(&file, lines).unwrap();
     db.run(&["job", "--from-file", file.to_str().unwrap(), "--yes"])
         .ok();
-    let mut bg = Background::start(
+    let mut bg = background(
         &db,
         2,
         &["--time-limit-minutes", "0.3", "--kill-grace-seconds", "1"],
@@ -633,7 +511,7 @@ fn a_full_disk_until_the_time_limit_fails_no_job_and_exits_non_zero_with_what_wa
     std::fs::write(&file, lines).unwrap();
     db.run(&["job", "--from-file", file.to_str().unwrap(), "--yes"])
         .ok();
-    let mut bg = Background::start(
+    let mut bg = background(
         &db,
         2,
         &["--time-limit-minutes", "0.3", "--kill-grace-seconds", "1"],
@@ -680,7 +558,7 @@ fn a_removed_database_file_stops_the_launcher_with_a_message_naming_it() {
     for i in 0..2 {
         db.add_job(&format!("z{i}"), "gone", "nap", &["--args", "60"]);
     }
-    let mut bg = Background::start(&db, 2, &["--kill-grace-seconds", "1"], "gone");
+    let mut bg = background(&db, 2, &["--kill-grace-seconds", "1"], "gone");
     wait_until("the jobs to run", Duration::from_secs(60), || {
         count_in(&states(&db), "RUNNING") == 2
     });
@@ -787,7 +665,7 @@ fn an_idle_launcher_with_nothing_to_wait_for_exits_at_once() {
     for i in 0..2 {
         db.add_job(&format!("q{i}"), "quick", "say-hello", &[]);
     }
-    let mut bg = Background::start(&db, 2, &[], "quick");
+    let mut bg = background(&db, 2, &[], "quick");
     let mut done_at = None;
     let t = Instant::now();
     let code = loop {
@@ -816,11 +694,11 @@ fn an_idle_launcher_waits_for_jobs_another_launcher_holds_and_says_so_once() {
     db.run(&["app", "--name", "nap", "--executable", "sleep"])
         .ok();
     db.add_job("held", "hold", "nap", &["--args", "6"]);
-    let mut a = Background::start(&db, 1, &[], "holder");
+    let mut a = background(&db, 1, &[], "holder");
     wait_until("the job to run", Duration::from_secs(60), || {
         db.state_of("held") == "RUNNING"
     });
-    let mut b = Background::start(&db, 1, &["--idle-exit-seconds", "1"], "waiter");
+    let mut b = background(&db, 1, &["--idle-exit-seconds", "1"], "waiter");
     assert_eq!(a.wait(Duration::from_secs(60)), Some(0), "{}", a.output());
     assert_eq!(b.wait(Duration::from_secs(60)), Some(0), "{}", b.output());
     let out = b.output();

@@ -208,7 +208,7 @@ pub fn run(ctx: &mut Ctx, a: &LsArgs) -> Result<()> {
     if a.by_states {
         for (state, n) in store.count_by_state(&f)? {
             writeln!(out, "{state} ({n} BalsamJobs)")?;
-            let (jobs, _) = store.list_jobs(
+            let jobs = store.list_jobs_first(
                 &JobFilter {
                     state: Some(state),
                     ..f.clone()

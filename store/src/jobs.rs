@@ -818,6 +818,19 @@ impl Store {
         })
     }
 
+    /// The first `limit` jobs matching `filter`, by row number, without counting them all (for
+    /// a caller that knows the count already, as `ls --by-states` does).
+    pub fn list_jobs_first(&mut self, filter: &JobFilter, limit: usize) -> Result<Vec<Job>> {
+        let (where_sql, owned) = filter_sql(filter)?;
+        let limit = limit.min(i64::MAX as usize);
+        self.read(|tx| {
+            jobs_from(tx.query(
+                &format!("SELECT {JOB_COLS} FROM jobs {where_sql} ORDER BY pk LIMIT {limit}"),
+                &args(&owned),
+            )?)
+        })
+    }
+
     /// How many jobs match `filter`, per state (states with none are left out).
     pub fn count_by_state(&mut self, filter: &JobFilter) -> Result<Vec<(State, u64)>> {
         let (where_sql, owned) = filter_sql(filter)?;

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::jobs::{get_job, job_from_row, JOB_COLS};
 use crate::lifecycle::{apply_batch, Transition};
 use crate::model::{format_time_us, now_us, Job, Session, SessionInfo};
-use crate::sql::{params, Row, Tx, P};
+use crate::sql::{params, Backend, Row, Tx, P};
 use crate::state::{State, PROCESSABLE_STATES, RUNNABLE_STATES};
 
 /// State codes of every state but the end states, for SQL.
@@ -292,6 +292,13 @@ impl Store {
         let limit = limit.min(i64::MAX as usize) as i64;
         self.write(|tx| {
             live_session(tx, session, false)?;
+            if tx.backend() == Backend::Postgres {
+                // With a LIMIT, PostgreSQL's planner prefers scanning the table from its start,
+                // expecting matches anywhere; in a campaign the runnable jobs sit behind
+                // hundreds of thousands of finished ones, and each lease would read them all.
+                // The state index finds them wherever they are.
+                tx.exec("SET LOCAL enable_seqscan = off", &[])?;
+            }
             let sql = format!(
                 "UPDATE jobs SET lease_session = ?1 WHERE pk IN \
                  (SELECT pk FROM jobs WHERE {cond} LIMIT ?2{}) RETURNING {JOB_COLS}",

@@ -373,3 +373,135 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Pids of `root` and all its descendants (from /proc).
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(k) = children.get(&out[i]) {
+            out.extend(k);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Stops a tree top-down first (so no parent restarts what dies), then sends `sig` to it all.
+pub fn kill_tree(root: i32, sig: i32) {
+    let pids = process_tree(root);
+    for p in &pids {
+        // SAFETY: signals processes of the test's own tree.
+        unsafe { libc::kill(*p, libc::SIGSTOP) };
+    }
+    for p in process_tree(root).into_iter().chain(pids) {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, sig) };
+    }
+}
+
+/// Whether a process runs (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(") ")
+            .map(|(_, r)| r.starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+/// Waits for `f`, polling every 50 ms; fails the test naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(
+        wait_for(timeout, Duration::from_millis(50), f),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// A program (a launcher) running in the background with its output in a log file, in a process
+/// group of its own; its whole process tree is killed if the test ends while it runs.
+pub struct Background {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl Background {
+    /// Starts `cmd` with stdout and stderr to `log`.
+    pub fn start(mut cmd: Command, log: PathBuf) -> Background {
+        use std::os::unix::process::CommandExt;
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .stdin(Stdio::null())
+            .process_group(0);
+        Background {
+            child: Some(cmd.spawn().expect("start a background program")),
+            log,
+        }
+    }
+
+    /// Its pid (it must still run).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Waits for it to exit by itself; kills it after `timeout`. Returns the exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if t.elapsed() > timeout {
+                kill_tree(child.id() as i32, libc::SIGKILL);
+                let _ = child.wait();
+                panic!("still running after {timeout:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it exited; its exit code then.
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let st = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(st.code())
+    }
+
+    /// kill -9 of it and everything it started.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_tree(child.id() as i32, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{balsam_bin, run_cmd, Db, Run, TIMEOUT};
+use crate::common::{balsam_bin, process_tree, run_cmd, Db, Run, TIMEOUT};
 
 /// How long `balsam init --postgres` may take (initdb and the first start).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -158,34 +158,6 @@ pub fn is_root() -> bool {
 /// Runs `cmd` with the default bound.
 pub fn run(cmd: Command) -> Run {
     run_cmd(cmd, TIMEOUT, None)
-}
-
-/// Pids of `root` and all its descendants (from /proc).
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        if let Some(k) = children.get(&out[i]) {
-            out.extend(k);
-        }
-        i += 1;
-    }
-    out
 }
 
 /// Kills a `balsam launcher` and everything under it (mpiexec runs in a process group of its
