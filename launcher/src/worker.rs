@@ -22,8 +22,9 @@ use crate::process;
 
 /// Shortest pause between idle polls.
 pub const MIN_PAUSE: Duration = Duration::from_micros(200);
-/// Longest pause between idle polls.
-pub const MAX_PAUSE: Duration = Duration::from_millis(20);
+/// Longest pause between idle polls: the first job sent to an idle worker waits at most this
+/// long; a busy worker probes every few milliseconds.
+pub const MAX_PAUSE: Duration = Duration::from_millis(50);
 
 /// Sends one message (small enough for MPI's eager protocol: returns at once).
 pub fn send(world: &SimpleCommunicator, to: i32, msg: &Message) {
