@@ -77,7 +77,20 @@ q() {
     esac
 }
 
-declare -A DONE EXIT RUN
+# CPU seconds (user + system) used so far by a PostgreSQL server and all its processes: on this
+# one host the server shares the cores with the jobs, which a site's login node does not.
+server_cpu() {
+    local pm pid ticks=0 t p
+    pm=$(cat "$1/balsamdb/postmaster.pid" 2>/dev/null | head -1) || true
+    [ -n "$pm" ] || { echo 0; return; }
+    for p in "$pm" $(pgrep -P "$pm"); do
+        t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$p/stat" 2>/dev/null) || t=0
+        ticks=$((ticks + ${t:-0}))
+    done
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { print t / hz }'
+}
+
+declare -A DONE EXIT RUN SERVER
 for be in $backends; do
     db="$work/db-$be"
     case $be in
@@ -89,10 +102,12 @@ for be in $backends; do
     balsam app --name true --executable /bin/true >/dev/null
     balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
     # The launcher, with its default idle rules.
+    cpu0=$(server_cpu "$db")
     t0_us=$(date +%s%6N)
     MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
         2> "$work/launcher-$be.log"
     t1_us=$(date +%s%6N)
+    SERVER[$be]=$(awk -v a="$cpu0" -v b="$(server_cpu "$db")" 'BEGIN { printf "%.1f", b - a }')
     # Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
     finished=$(q "$be" "$db" "SELECT count(*) FROM jobs WHERE state = 8")
     [ "$finished" = "$n" ] || { echo "$be: only $finished of $n jobs finished; see $work/launcher-$be.log" >&2; KEEP=1; exit 1; }
@@ -122,6 +137,7 @@ done
 if [ -n "${DONE[sqlite]:-}" ] && [ -n "${DONE[postgres]:-}" ]; then
     printf '  postgres / sqlite time, to last finished: %s, to exit: %s (target <= 1.10)\n' \
         "$(ratio "${DONE[postgres]}" "${DONE[sqlite]}")" "$(ratio "${EXIT[postgres]}" "${EXIT[sqlite]}")"
+    printf '  the PostgreSQL server used %s CPU seconds of these %d cores during its launcher run\n' "${SERVER[postgres]}" "$(nproc)"
 fi
 if [ "$spread" -gt 10 ]; then
     echo "  warning: the two loop runs differ by $spread%: the machine was not quiet; run again" >&2

@@ -31,8 +31,8 @@ pub enum Format {
 
 /// Opens `file` (`-`: standard input) as a stream without a byte-order mark; returns it with
 /// the name used in messages.
-pub fn open(file: &Path) -> Result<(Box<dyn BufRead>, String)> {
-    let (raw, name): (Box<dyn Read>, String) = if file == Path::new("-") {
+pub fn open(file: &Path) -> Result<(Box<dyn BufRead + Send>, String)> {
+    let (raw, name): (Box<dyn Read + Send>, String) = if file == Path::new("-") {
         (Box::new(std::io::stdin()), "<stdin>".to_string())
     } else {
         let f = std::fs::File::open(file)
@@ -44,7 +44,7 @@ pub fn open(file: &Path) -> Result<(Box<dyn BufRead>, String)> {
 }
 
 /// The stream without a leading byte-order mark.
-fn skip_bom(mut r: Box<dyn Read>) -> std::io::Result<Box<dyn Read>> {
+fn skip_bom(mut r: Box<dyn Read + Send>) -> std::io::Result<Box<dyn Read + Send>> {
     let mut head = [0u8; 3];
     let mut n = 0;
     while n < head.len() {
@@ -80,12 +80,12 @@ pub struct Jobs {
 
 enum Source {
     Json {
-        reader: Box<dyn BufRead>,
+        reader: Box<dyn BufRead + Send>,
         line: String,
         lineno: usize,
     },
     Csv {
-        reader: Box<csv::Reader<QuoteCheck<Box<dyn BufRead>>>>,
+        reader: Box<csv::Reader<QuoteCheck<Box<dyn BufRead + Send>>>>,
         header: Vec<String>,
         record: csv::StringRecord,
     },
@@ -94,7 +94,7 @@ enum Source {
 impl Jobs {
     /// Reads jobs from `reader` (named `name` in messages); fields not given take `defaults`.
     pub fn new(
-        reader: Box<dyn BufRead>,
+        reader: Box<dyn BufRead + Send>,
         name: String,
         format: Format,
         defaults: JobSpec,
@@ -186,6 +186,50 @@ impl Iterator for Jobs {
             },
         }
     }
+}
+
+/// Reads and checks `jobs` on a thread of its own, handing them on in batches, so that parsing
+/// the file overlaps with the store's inserts (on two cores a 1.2M-line import spends a quarter
+/// of its time parsing). The first bad line ends the reading: the import stops there anyway.
+/// Dropping the returned iterator before its end stops the thread at its next batch.
+pub fn read_ahead(jobs: Jobs) -> impl Iterator<Item = Result<ImportLine, StoreError>> {
+    const BATCH: usize = 1024;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<ImportLine, StoreError>>>(4);
+    let reader = std::thread::Builder::new()
+        .name("read-jobs".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            for item in jobs {
+                let bad = item.is_err();
+                batch.push(item);
+                if (batch.len() == BATCH || bad)
+                    && tx
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                        .is_err()
+                {
+                    return;
+                }
+                if bad {
+                    return;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
+        });
+    let rx = match reader {
+        Ok(_) => rx,
+        Err(e) => {
+            // No thread: the one error says why, and nothing is imported.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let _ = tx.send(vec![Err(StoreError::io(
+                "cannot start a thread to read the jobs",
+                e,
+            ))]);
+            rx
+        }
+    };
+    rx.into_iter().flatten()
 }
 
 /// A CSV error as `FILE:LINE: what`.

@@ -272,7 +272,7 @@ fn import(ctx: &mut Ctx, a: &JobArgs, file: &Path) -> Result<()> {
     let mut defaults = JobSpec::default();
     a.flags.apply(&mut defaults)?;
     let (reader, name) = bulk::open(file)?;
-    let mut jobs = bulk::Jobs::new(reader, name.clone(), format, defaults)?;
+    let mut jobs = bulk::read_ahead(bulk::Jobs::new(reader, name.clone(), format, defaults)?);
     // The total is unknown until the end of a stream: a count, on a terminal only.
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
