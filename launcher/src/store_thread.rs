@@ -156,6 +156,8 @@ pub fn expire_sessions(store: &mut Store, host: &str, expiry: Duration) {
                 );
             }
         }
+        // An unreachable database is told once by the store itself, and once when it is back.
+        Err(e) if e.is_unavailable() => {}
         Err(e) => tracing::warn!("expiring sessions failed: {e}"),
     }
 }
@@ -176,6 +178,7 @@ pub fn expire_dead_sessions(store: &mut Store, host: &str) {
                 );
             }
         }
+        Err(e) if e.is_unavailable() => {}
         Err(e) => tracing::warn!("looking for dead launcher sessions failed: {e}"),
     }
 }
@@ -805,7 +808,9 @@ impl StoreThread {
                 match self.idle_facts() {
                     Ok(f) => Some(f),
                     Err(e) => {
-                        tracing::warn!("looking for work left failed: {e}");
+                        if !e.is_unavailable() {
+                            tracing::warn!("looking for work left failed: {e}");
+                        }
                         None
                     }
                 }

@@ -520,6 +520,11 @@ fn insert_lines(
             pks
         }
         Tx::Pg(pg) => {
+            // The lines may come from a pipe at whatever pace its writer has: this transaction
+            // waits for them as long as it takes (every other one is ended after 20 s without
+            // its client, see ServerInfo::client_config).
+            pg.client
+                .batch_execute("SET LOCAL idle_in_transaction_session_timeout = 0")?;
             let mut pks = Vec::new();
             let mut chunk: Vec<Checked> = Vec::with_capacity(CHUNK);
             for item in lines {

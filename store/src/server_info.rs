@@ -45,6 +45,11 @@ pub struct ServerInfo {
     pub os_user: String,
 }
 
+/// Server settings of every balsam connection (see [`ServerInfo::client_config`]).
+pub const SERVER_SIDE_TIMEOUTS: &str = "-c idle_in_transaction_session_timeout=20s \
+     -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+     -c tcp_user_timeout=20s";
+
 impl ServerInfo {
     /// Reads `DIR/server-info`.
     pub fn load(db_dir: &Path) -> Result<ServerInfo> {
@@ -132,6 +137,13 @@ impl ServerInfo {
 
     /// The client configuration: bounded connect time, and TCP timeouts so a server that
     /// vanishes (a link down) is noticed in seconds, not minutes.
+    ///
+    /// The server side gets the same, for every connection (whoever runs the server): a client
+    /// cut off in the middle of a transaction (a compute node's link down) would otherwise keep
+    /// that transaction open on the server, with its locks on its session and its jobs, until
+    /// TCP gave up minutes later; other launchers skip locked rows, so nobody could expire that
+    /// session or take its jobs. A transaction that waits for its client for 20 s is ended, and
+    /// a dead peer is noticed within about 25 s.
     pub fn client_config(&self, db_dir: &Path) -> postgres::Config {
         let mut c = postgres::Config::new();
         c.host(&self.host)
@@ -139,6 +151,7 @@ impl ServerInfo {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name("balsam")
+            .options(SERVER_SIDE_TIMEOUTS)
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_user_timeout(Duration::from_secs(20))
             .keepalives(true)
