@@ -598,6 +598,37 @@ fn a_one_minute_launcher_runs_one_minute_jobs() {
     assert!(st.values().all(|s| s == "JOB_FINISHED"), "{st:?}");
 }
 
+/// A job restarted after its working directory was removed runs in a new one, and holds up no
+/// other job (a missing directory is not a file system that cannot be written).
+#[test]
+fn a_restarted_job_whose_working_directory_was_removed_runs_again() {
+    let db = Db::new();
+    db.hello_app();
+    let id = db.add_job("gone", "rerun", "say-hello", &[]);
+    launcher(&db, 2, &[]).ok();
+    assert_eq!(db.state_of("gone"), "JOB_FINISHED");
+    let wd = workdir(&db, "gone");
+    std::fs::remove_dir_all(&wd).unwrap();
+    db.run(&["modify", &id, "state", "RESTART_READY"]).ok();
+    for i in 0..4 {
+        db.add_job(&format!("other{i}"), "rerun", "say-hello", &[]);
+    }
+    let t = Instant::now();
+    let out = launcher(&db, 2, &[]);
+    out.ok();
+    let st = states(&db);
+    assert!(st.values().all(|s| s == "JOB_FINISHED"), "{st:?}");
+    assert!(
+        read(&wd.join("gone.out")).contains("Hello"),
+        "ran in a new directory"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "no backoff held the others: {:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn a_launcher_that_can_run_none_of_the_jobs_says_which_and_why_and_leaves() {
     let db = Db::new();

@@ -359,7 +359,21 @@ impl Engine {
         } else {
             &job.env
         };
-        match self.spawner.spawn(argv, &job.workdir, &job.output, env) {
+        let mut spawned = self.spawner.spawn(argv, &job.workdir, &job.output, env);
+        if spawned.as_ref().is_err_and(|e| e.infrastructure) && !job.workdir.is_dir() {
+            // The working directory is gone (a user removed it, or a job restarted after its
+            // files were cleaned up): it is the job's place to run, so it is made again. Should
+            // that fail too (a full or read-only file system), the first error stands.
+            if std::fs::create_dir_all(&job.workdir).is_ok() {
+                tracing::warn!(
+                    "{}: its working directory {} was missing; made it again",
+                    job.cute_id,
+                    job.workdir.display()
+                );
+                spawned = self.spawner.spawn(argv, &job.workdir, &job.output, env);
+            }
+        }
+        match spawned {
             Ok(pid) => {
                 let now = Instant::now();
                 let wall_deadline = job.wall_time_limit_s.map(|s| now + Duration::from_secs(s));
