@@ -322,8 +322,9 @@ fn a_job_past_its_wall_time_dies_with_its_children() {
     );
     let mut bg = background(&db, 1, &["--enforce-wall-time"], "walltime");
     marks.wait_all_present();
+    // Not "anything but RUNNING": the processes can be up before RUNNING is written.
     wait_until("the wall time to pass", Duration::from_secs(120), || {
-        db.state_of("overtime") != "RUNNING"
+        matches!(db.state_of("overtime").as_str(), "RUN_TIMEOUT" | "FAILED")
     });
     marks.wait_gone(Duration::from_secs(15));
     assert_eq!(bg.wait(LAUNCHER_TIMEOUT), Some(0), "{}", bg.output());

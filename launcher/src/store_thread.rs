@@ -109,9 +109,23 @@ pub enum FromStore {
 pub struct Demand {
     held: [AtomicUsize; 2],
     target: [AtomicUsize; 2],
+    /// Jobs the transitions' fast path made runnable and sent, not yet taken by the store thread.
+    handing: AtomicUsize,
 }
 
 impl Demand {
+    /// Room for more runnable jobs of either class, counting those on their way.
+    pub fn room(&self) -> crate::transitions::Room {
+        let (mut free, mut wanted) = (0, 0);
+        for c in [Class::Serial, Class::Mpi] {
+            free += self.target(c).saturating_sub(self.held(c));
+            wanted += self.target(c);
+        }
+        crate::transitions::Room {
+            free: free.saturating_sub(self.handing.load(Ordering::Acquire)),
+            wanted,
+        }
+    }
     /// Jobs of class `c` delivered and not let go of.
     pub fn held(&self, c: Class) -> usize {
         self.held[c as usize].load(Ordering::Acquire)
@@ -241,9 +255,21 @@ pub fn spawn(
     // The session was registered just now.
     health.lease_held(Instant::now());
     let store = Store::open(cfg.db.clone())?;
-    let sink: crate::transitions::RunnableSink = Box::new(move |jobs| {
-        let _ = own_tx.send(ToStore::Handover(jobs));
-    });
+    let (d1, d2) = (demand.clone(), demand.clone());
+    let handoff = crate::transitions::Handoff {
+        deliver: Box::new(move |jobs| {
+            d1.handing.fetch_add(jobs.len(), Ordering::AcqRel);
+            if let Err(e) = own_tx.send(ToStore::Handover(jobs)) {
+                // The store thread has gone: nothing is on its way any more.
+                let n = match e.into_inner() {
+                    ToStore::Handover(j) => j.len(),
+                    _ => 0,
+                };
+                d1.handing.fetch_sub(n, Ordering::AcqRel);
+            }
+        }),
+        room: Box::new(move || d2.room()),
+    };
     let pool = TransitionPool::start(
         &cfg.db,
         cfg.session,
@@ -253,7 +279,7 @@ pub fn spawn(
         },
         cfg.transition_threads,
         cfg.transition_opts.clone(),
-        Some(sink),
+        Some(handoff),
         health.clone(),
     )?;
     let mut st = StoreThread {
@@ -422,6 +448,12 @@ impl StoreThread {
     /// Takes over jobs the fast path made runnable, as far as the launcher wants more; the rest
     /// goes back for other launchers.
     fn handover(&mut self, jobs: Vec<Handover>) {
+        let _ = self
+            .demand
+            .handing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(jobs.len()))
+            });
         let mut ready: [Vec<Runnable>; 2] = [Vec::new(), Vec::new()];
         for h in jobs {
             let class = self.classify(&h.job).filter(|c| {
@@ -919,7 +951,14 @@ impl StoreThread {
         // Lease when a quarter of the target is missing (at least one job): batches stay large
         // for short jobs, and a slot of a long-job launcher is refilled as soon as it frees.
         let missing = target.saturating_sub(held);
-        if missing == 0 || missing < target / 4 || Instant::now() < self.next_lease[i] {
+        if missing == 0 || missing < target / 4 {
+            return;
+        }
+        // The transitions' fast path fills the same room with new jobs (it waits for it).
+        if let Some(pool) = &self.pool {
+            pool.wake();
+        }
+        if Instant::now() < self.next_lease[i] {
             return;
         }
         filter.max_wall_minutes = max_wall_minutes(self.time_left());

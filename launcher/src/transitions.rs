@@ -219,12 +219,31 @@ impl Transitions {
     pub fn fast_forward_keep(&mut self, jobs: Vec<Job>) -> Result<(Vec<Job>, Vec<Handover>)> {
         let mut slow = Vec::new();
         let mut ts = Vec::new();
-        let mut simple = Vec::new();
+        let mut fast = Vec::new();
         let mut release = Vec::new();
+        // One query for the parents of every job that needs them checked, not one per job.
+        let mut candidates = Vec::with_capacity(jobs.len());
+        let mut ask = Vec::new();
         for job in jobs {
-            let parentless = match job.state {
+            let simple = match job.state {
                 State::Created | State::Ready => self.is_simple(&job)?,
-                _ => None,
+                _ => Simple::No,
+            };
+            if simple == Simple::IfParentless {
+                ask.push(job.pk);
+            }
+            candidates.push((job, simple));
+        }
+        let with_parents = if ask.is_empty() {
+            Default::default()
+        } else {
+            self.store.parent_ids_of(&ask)?
+        };
+        for (job, how) in candidates {
+            let parentless = match how {
+                Simple::No => None,
+                Simple::Yes => Some(false),
+                Simple::IfParentless => (!with_parents.contains_key(&job.pk)).then_some(true),
             };
             let Some(parentless) = parentless else {
                 slow.push(job);
@@ -247,7 +266,7 @@ impl Transitions {
                 State::Preprocessed,
                 "",
             ));
-            simple.push((job, first, ts.len(), parentless));
+            fast.push((job, first, ts.len(), parentless));
         }
         let outcomes = if ts.is_empty() {
             Vec::new()
@@ -255,7 +274,7 @@ impl Transitions {
             self.store.apply(&ts, Some(self.session))?
         };
         let mut runnable = Vec::new();
-        for (mut job, from, to, parentless) in simple {
+        for (mut job, from, to, parentless) in fast {
             match outcomes[from..to].last() {
                 Some(Outcome::Applied(State::Preprocessed)) => {
                     job.state = State::Preprocessed;
@@ -274,24 +293,25 @@ impl Transitions {
     }
 
     /// Whether the job takes the fast path: no parents (or, READY, none it needs files from), no
-    /// stage-in, no preprocess. Some(true) when it is known to have no parents at all.
-    fn is_simple(&mut self, job: &Job) -> Result<Option<bool>> {
+    /// stage-in, no preprocess.
+    fn is_simple(&mut self, job: &Job) -> Result<Simple> {
         if !job.spec.stage_in_url.trim().is_empty() {
-            return Ok(None);
+            return Ok(Simple::No);
         }
         let app = match self.apps.get(&mut self.store, &job.spec.application) {
             Ok(a) => a,
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Simple::No),
         };
         if !app.preprocess.trim().is_empty() {
-            return Ok(None);
+            return Ok(Simple::No);
         }
         // A CREATED job needs the parents check; a READY one only needs its parents for files.
         let needs_parents = job.state == State::Created || !job.spec.input_files.trim().is_empty();
-        if !needs_parents {
-            return Ok(Some(false));
-        }
-        Ok(self.store.parent_ids(job.pk)?.is_empty().then_some(true))
+        Ok(if needs_parents {
+            Simple::IfParentless
+        } else {
+            Simple::Yes
+        })
     }
 
     fn advance(&mut self, job: &mut Job) -> Result<()> {
@@ -844,8 +864,38 @@ pub struct Handover {
     pub parent_ids: Option<Vec<Uuid>>,
 }
 
-/// Where the pool's fast path delivers jobs it made runnable (their leases pass with them).
-pub type RunnableSink = Box<dyn Fn(Vec<Handover>) + Send>;
+/// Whether a job can take the fast path (see [`Transitions::is_simple`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simple {
+    No,
+    /// Yes; whether it has parents is not known.
+    Yes,
+    /// Yes if it has no parents.
+    IfParentless,
+}
+
+/// Where the pool's fast path delivers jobs it made runnable (their leases pass with them), and
+/// how many the launcher can take now.
+///
+/// The feeder leases new jobs for the fast path only as far as the launcher has room for them:
+/// a job made runnable that the launcher does not want must be given back and leased again
+/// later, two writes of its row for nothing (on PostgreSQL, half the server's work per job when
+/// the feeder ran ahead of short jobs).
+pub struct Handoff {
+    /// Takes jobs made runnable.
+    pub deliver: Box<dyn Fn(Vec<Handover>) + Send>,
+    /// How many more runnable jobs the launcher would take now.
+    pub room: Box<dyn Fn() -> Room + Send>,
+}
+
+/// Room for runnable jobs in a launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// How many more it would take now.
+    pub free: usize,
+    /// How many it holds when full.
+    pub wanted: usize,
+}
 
 /// How a run ended, as the launcher saw it.
 #[derive(Debug, Clone)]
@@ -1060,6 +1110,12 @@ pub struct TransitionPool {
 
 /// Jobs one lease of the feeder takes.
 const FEED_BATCH: usize = 500;
+/// Jobs the feeder leases each [`STARVED_FEED_EVERY`] while the launcher has no room: jobs the
+/// fast path does not make runnable (a postprocess left by a dead launcher, a stage-in) are
+/// processed meanwhile, at a pace that costs little when they are given back.
+const STARVED_FEED: usize = 16;
+/// See [`STARVED_FEED`].
+const STARVED_FEED_EVERY: Duration = Duration::from_secs(1);
 
 impl TransitionPool {
     /// Starts `threads` workers and the feeder for `session`, leasing jobs of `filter`.
@@ -1069,7 +1125,7 @@ impl TransitionPool {
         filter: LeaseFilter,
         threads: usize,
         opts: TransitionOptions,
-        sink: Option<RunnableSink>,
+        handoff: Option<Handoff>,
         health: Arc<Health>,
     ) -> Result<TransitionPool> {
         let threads = threads.max(1);
@@ -1130,7 +1186,7 @@ impl TransitionPool {
                     &wake_rx,
                     &stop2,
                     &in_flight2,
-                    sink,
+                    handoff,
                     &health2,
                 )
             })
@@ -1212,19 +1268,39 @@ fn feed(
     wake_rx: &Receiver<()>,
     stop: &AtomicBool,
     in_flight: &AtomicUsize,
-    sink: Option<RunnableSink>,
+    handoff: Option<Handoff>,
     health: &Health,
 ) {
     let mut pause = Duration::from_millis(20);
+    let mut last_starved = Instant::now()
+        .checked_sub(STARVED_FEED_EVERY)
+        .unwrap_or_else(Instant::now);
     while !stop.load(Ordering::Relaxed) {
         if !health.may_start_jobs(Instant::now()) {
             // The database or the job files cannot be written: wait for the retry.
             let _ = wake_rx.recv_timeout(Duration::from_millis(200));
             continue;
         }
+        let batch = match &handoff {
+            None => FEED_BATCH,
+            Some(h) => match feed_batch((h.room)(), last_starved.elapsed()) {
+                Some(n) => {
+                    if n == STARVED_FEED {
+                        last_starved = Instant::now();
+                    }
+                    n
+                }
+                None => {
+                    // Full: the store thread wakes the feeder when a quarter is free again.
+                    let _ = wake_rx.recv_timeout(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
         let leased = match t
             .store
-            .lease(session, LeaseGroup::Processable, filter, FEED_BATCH)
+            .lease(session, LeaseGroup::Processable, filter, batch)
         {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return,
@@ -1249,11 +1325,11 @@ fn feed(
         in_flight.fetch_add(leased.len(), Ordering::AcqRel);
         let n = leased.len();
         let pks: Vec<i64> = leased.iter().map(|j| j.pk).collect();
-        let slow = match &sink {
+        let slow = match &handoff {
             None => t.fast_forward(leased),
-            Some(deliver) => t.fast_forward_keep(leased).map(|(slow, runnable)| {
+            Some(h) => t.fast_forward_keep(leased).map(|(slow, runnable)| {
                 if !runnable.is_empty() {
-                    deliver(runnable);
+                    (h.deliver)(runnable);
                 }
                 slow
             }),
@@ -1283,9 +1359,47 @@ fn feed(
     }
 }
 
+/// How many jobs the feeder leases when the launcher has `room` and last leased without room
+/// `since_starved` ago; None: wait.
+///
+/// It waits for a quarter of the launcher's room (at most a quarter batch) to be free, so that
+/// a launcher of short jobs is not filled one job per lease, except that it still takes a few
+/// jobs each second for the work the fast path does not cover.
+fn feed_batch(room: Room, since_starved: Duration) -> Option<usize> {
+    let enough = (room.wanted / 4).clamp(1, FEED_BATCH / 4);
+    if room.free >= enough {
+        Some(room.free.min(FEED_BATCH))
+    } else if since_starved >= STARVED_FEED_EVERY {
+        Some(STARVED_FEED.max(room.free))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_feeder_leases_as_far_as_the_launcher_has_room() {
+        let soon = Duration::from_millis(10);
+        let room = |free, wanted| Room { free, wanted };
+        assert_eq!(feed_batch(room(4096, 4096), soon), Some(FEED_BATCH));
+        assert_eq!(feed_batch(room(300, 2048), soon), Some(300));
+        assert_eq!(feed_batch(room(125, 2048), soon), Some(125));
+        // A launcher of two slots for long jobs is fed job by job.
+        assert_eq!(feed_batch(room(4, 4), soon), Some(4));
+        assert_eq!(feed_batch(room(1, 4), soon), Some(1));
+        // A little room, or none: wait, but not forever.
+        assert_eq!(feed_batch(room(124, 2048), soon), None);
+        assert_eq!(feed_batch(room(0, 4), soon), None);
+        assert_eq!(feed_batch(room(0, 0), soon), None);
+        assert_eq!(
+            feed_batch(room(0, 2048), STARVED_FEED_EVERY),
+            Some(STARVED_FEED)
+        );
+        assert_eq!(feed_batch(room(100, 2048), STARVED_FEED_EVERY), Some(100));
+    }
 
     #[test]
     fn parent_files_are_copied_without_clobbering_and_ln_links() {
