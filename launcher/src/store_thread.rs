@@ -300,6 +300,7 @@ pub fn spawn(
         gone: false,
         was_empty: false,
         next_lease: [Instant::now(), Instant::now()],
+        room_open: [false, false],
         lease_pause: [Duration::from_millis(50), Duration::from_millis(50)],
         last_heartbeat: Instant::now(),
         last_kill_poll: Instant::now(),
@@ -337,6 +338,9 @@ struct StoreThread {
     /// Nothing was held at the last status (so a change to empty is told at once).
     was_empty: bool,
     next_lease: [Instant; 2],
+    /// Per class: a quarter of the target was free when last looked at (the feeder was woken
+    /// when it became so, once, not at every look).
+    room_open: [bool; 2],
     lease_pause: [Duration; 2],
     last_heartbeat: Instant,
     last_kill_poll: Instant,
@@ -952,11 +956,14 @@ impl StoreThread {
         // for short jobs, and a slot of a long-job launcher is refilled as soon as it frees.
         let missing = target.saturating_sub(held);
         if missing == 0 || missing < target / 4 {
+            self.room_open[i] = false;
             return;
         }
-        // The transitions' fast path fills the same room with new jobs (it waits for it).
-        if let Some(pool) = &self.pool {
-            pool.wake();
+        if !std::mem::replace(&mut self.room_open[i], true) {
+            // The transitions' fast path fills the same room with new jobs (it waits for it).
+            if let Some(pool) = &self.pool {
+                pool.wake();
+            }
         }
         if Instant::now() < self.next_lease[i] {
             return;
