@@ -109,7 +109,7 @@ impl Marked {
 
     /// Waits up to `within` for every marked process to be gone; the time it took. Where no
     /// promise is measured the bound is 15 s: the processes would live for a day otherwise, and
-    /// a 2-core CI machine busy with other tests has stalled the kill for over 5 s.
+    /// the bound leaves room for a 2-core CI machine busy with other tests.
     #[track_caller]
     fn wait_gone(&self, within: Duration) -> Duration {
         let t = Instant::now();

@@ -1284,13 +1284,12 @@ fn feed(
         let batch = match &handoff {
             None => FEED_BATCH,
             Some(h) => match feed_batch((h.room)(), last_starved.elapsed()) {
-                Some(n) => {
-                    if n == STARVED_FEED {
-                        last_starved = Instant::now();
-                    }
+                Feed::Room(n) => n,
+                Feed::Starved(n) => {
+                    last_starved = Instant::now();
                     n
                 }
-                None => {
+                Feed::Wait => {
                     // Full: the store thread wakes the feeder when a quarter is free again.
                     let _ = wake_rx.recv_timeout(pause);
                     pause = (pause * 2).min(Duration::from_secs(1));
@@ -1359,20 +1358,31 @@ fn feed(
     }
 }
 
-/// How many jobs the feeder leases when the launcher has `room` and last leased without room
-/// `since_starved` ago; None: wait.
+/// What the feeder does next (see [`feed_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Lease this many: the launcher has room for them.
+    Room(usize),
+    /// Lease this many although the launcher has too little room (the once-a-second lease).
+    Starved(usize),
+    /// Wait for room.
+    Wait,
+}
+
+/// What the feeder does when the launcher has `room` and the last lease without enough room
+/// was `since_starved` ago.
 ///
 /// It waits for a quarter of the launcher's room (at most a quarter batch) to be free, so that
 /// a launcher of short jobs is not filled one job per lease, except that it still takes a few
 /// jobs each second for the work the fast path does not cover.
-fn feed_batch(room: Room, since_starved: Duration) -> Option<usize> {
+fn feed_batch(room: Room, since_starved: Duration) -> Feed {
     let enough = (room.wanted / 4).clamp(1, FEED_BATCH / 4);
     if room.free >= enough {
-        Some(room.free.min(FEED_BATCH))
+        Feed::Room(room.free.min(FEED_BATCH))
     } else if since_starved >= STARVED_FEED_EVERY {
-        Some(STARVED_FEED.max(room.free))
+        Feed::Starved(STARVED_FEED.max(room.free))
     } else {
-        None
+        Feed::Wait
     }
 }
 
@@ -1384,21 +1394,28 @@ mod tests {
     fn the_feeder_leases_as_far_as_the_launcher_has_room() {
         let soon = Duration::from_millis(10);
         let room = |free, wanted| Room { free, wanted };
-        assert_eq!(feed_batch(room(4096, 4096), soon), Some(FEED_BATCH));
-        assert_eq!(feed_batch(room(300, 2048), soon), Some(300));
-        assert_eq!(feed_batch(room(125, 2048), soon), Some(125));
+        assert_eq!(feed_batch(room(4096, 4096), soon), Feed::Room(FEED_BATCH));
+        assert_eq!(feed_batch(room(300, 2048), soon), Feed::Room(300));
+        assert_eq!(feed_batch(room(125, 2048), soon), Feed::Room(125));
         // A launcher of two slots for long jobs is fed job by job.
-        assert_eq!(feed_batch(room(4, 4), soon), Some(4));
-        assert_eq!(feed_batch(room(1, 4), soon), Some(1));
+        assert_eq!(feed_batch(room(4, 4), soon), Feed::Room(4));
+        assert_eq!(feed_batch(room(1, 4), soon), Feed::Room(1));
+        // Room for exactly the starved batch is still room, not a starved lease.
+        assert_eq!(feed_batch(room(16, 64), soon), Feed::Room(16));
         // A little room, or none: wait, but not forever.
-        assert_eq!(feed_batch(room(124, 2048), soon), None);
-        assert_eq!(feed_batch(room(0, 4), soon), None);
-        assert_eq!(feed_batch(room(0, 0), soon), None);
+        assert_eq!(feed_batch(room(124, 2048), soon), Feed::Wait);
+        assert_eq!(feed_batch(room(0, 4), soon), Feed::Wait);
+        assert_eq!(feed_batch(room(0, 0), soon), Feed::Wait);
         assert_eq!(
             feed_batch(room(0, 2048), STARVED_FEED_EVERY),
-            Some(STARVED_FEED)
+            Feed::Starved(STARVED_FEED)
         );
-        assert_eq!(feed_batch(room(100, 2048), STARVED_FEED_EVERY), Some(100));
+        // Too little room but more than the starved batch: still a starved lease, so the
+        // next one waits its second.
+        assert_eq!(
+            feed_batch(room(100, 2048), STARVED_FEED_EVERY),
+            Feed::Starved(100)
+        );
     }
 
     #[test]
