@@ -299,11 +299,20 @@ impl Store {
                 // The state index finds them wherever they are.
                 tx.exec("SET LOCAL enable_seqscan = off", &[])?;
             }
-            let sql = format!(
-                "UPDATE jobs SET lease_session = ?1 WHERE pk IN \
-                 (SELECT pk FROM jobs WHERE {cond} LIMIT ?2{}) RETURNING {JOB_COLS}",
-                tx.skip_locked()
-            );
+            // On PostgreSQL the chosen rows go through an array: `pk IN (subquery)` becomes a
+            // semi-join, which the planner may run as a hash join over every row of the table.
+            // `ARRAY(subquery)` is computed once, and the rows are then fetched by primary key.
+            let sql = match tx.backend() {
+                Backend::Sqlite => format!(
+                    "UPDATE jobs SET lease_session = ?1 WHERE pk IN \
+                     (SELECT pk FROM jobs WHERE {cond} LIMIT ?2) RETURNING {JOB_COLS}"
+                ),
+                Backend::Postgres => format!(
+                    "UPDATE jobs SET lease_session = ?1 WHERE pk = ANY(ARRAY( \
+                     SELECT pk FROM jobs WHERE {cond} LIMIT ?2{})) RETURNING {JOB_COLS}",
+                    tx.skip_locked()
+                ),
+            };
             let rows = if filter.wf_filter.is_empty() {
                 tx.query(&sql, params![session, limit])?
             } else {

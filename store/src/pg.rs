@@ -177,7 +177,9 @@ pub(crate) struct JobUpdate {
     pub lease_session: Option<i64>,
 }
 
-/// Writes the rows of a batch of state changes with one statement.
+/// Writes the rows of a batch of state changes with one statement. The join alone leaves the
+/// planner a hash join over the whole table (a sequential scan per batch, of every job of the
+/// campaign); `pk = ANY` lets it fetch the batch's rows by primary key.
 pub(crate) fn update_jobs(pg: &mut PgConn, rows: &[JobUpdate]) -> Result<()> {
     let pks: Vec<i64> = rows.iter().map(|r| r.pk).collect();
     let states: Vec<i64> = rows.iter().map(|r| r.state).collect();
@@ -188,7 +190,8 @@ pub(crate) fn update_jobs(pg: &mut PgConn, rows: &[JobUpdate]) -> Result<()> {
         "UPDATE jobs SET state = u.state, return_code = u.return_code, \
          num_restarts = u.num_restarts, lease_session = u.lease_session \
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-         AS u(pk, state, return_code, num_restarts, lease_session) WHERE jobs.pk = u.pk",
+         AS u(pk, state, return_code, num_restarts, lease_session) \
+         WHERE jobs.pk = u.pk AND jobs.pk = ANY($1)",
         &[&pks, &states, &codes, &restarts, &leases],
     )?;
     Ok(())
