@@ -832,16 +832,18 @@ impl StoreThread {
             self.last_expire = Instant::now();
             expire_sessions(&mut self.store, &self.cfg.host, self.cfg.lease_expiry);
         }
-        let empty = self.leased.is_empty()
-            && self.pending.is_empty()
-            && self.release.is_empty()
-            && self.pool.as_ref().is_none_or(|p| p.in_flight() == 0);
+        let mut empty = self.is_empty();
         // Told every half second, and at once when the thread just ran out of work.
         if self.last_status.elapsed() >= Duration::from_millis(500) || (empty && !self.was_empty) {
             self.last_status = Instant::now();
-            self.was_empty = empty;
             let idle = if empty {
                 match self.idle_facts() {
+                    // Jobs the feeder leased while the facts were read are neither free nor
+                    // held here yet: the facts would say nothing can arrive.
+                    Ok(_) if !self.is_empty() => {
+                        empty = false;
+                        None
+                    }
                     Ok(f) => Some(f),
                     Err(e) => {
                         if !e.is_unavailable() {
@@ -853,6 +855,7 @@ impl StoreThread {
             } else {
                 None
             };
+            self.was_empty = empty;
             let _ = self.tx.send(FromStore::Status { busy: !empty, idle });
         }
     }
@@ -902,6 +905,16 @@ impl StoreThread {
             self.dropping.extend(drop.iter().copied());
             let _ = self.tx.send(FromStore::Drop(drop));
         }
+    }
+
+    /// Whether this launcher holds no job anywhere: none here, none in the transitions (from
+    /// their lease on), none on its way from them to here.
+    fn is_empty(&self) -> bool {
+        self.leased.is_empty()
+            && self.pending.is_empty()
+            && self.release.is_empty()
+            && self.demand.handing.load(Ordering::Acquire) == 0
+            && self.pool.as_ref().is_none_or(|p| p.in_flight() == 0)
     }
 
     /// What could still arrive for this launcher.

@@ -1297,10 +1297,18 @@ fn feed(
                 }
             },
         };
-        let leased = match t
+        // The lease counts as in flight from before it is taken: once committed, its jobs are
+        // this launcher's and no longer free, and the store thread must not see "nothing in
+        // flight, nothing free" meanwhile and let an idle launcher leave with them.
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let leased = t
             .store
-            .lease(session, LeaseGroup::Processable, filter, batch)
-        {
+            .lease(session, LeaseGroup::Processable, filter, batch);
+        if let Ok(j) = &leased {
+            in_flight.fetch_add(j.len(), Ordering::AcqRel);
+        }
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        let leased = match leased {
             Ok(j) => j,
             Err(balsam_store::Error::SessionEnded(_)) => return,
             Err(e) if is_database_trouble(&e) => {
@@ -1321,7 +1329,6 @@ fn feed(
             continue;
         }
         pause = Duration::from_millis(20);
-        in_flight.fetch_add(leased.len(), Ordering::AcqRel);
         let n = leased.len();
         let pks: Vec<i64> = leased.iter().map(|j| j.pk).collect();
         let slow = match &handoff {
