@@ -744,3 +744,122 @@ fn an_idle_launcher_waits_for_jobs_another_launcher_holds_and_says_so_once() {
         "{out}"
     );
 }
+
+/// A read-only bind mount of a folder, unmounted when the test ends.
+struct ReadOnlyView {
+    mnt: PathBuf,
+}
+
+impl ReadOnlyView {
+    fn new(src: &Path, mnt: &Path) -> ReadOnlyView {
+        std::fs::create_dir_all(mnt).unwrap();
+        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        assert!(
+            ok(Command::new("mount").arg("--bind").arg(src).arg(mnt)),
+            "bind mount failed: this test needs root"
+        );
+        let view = ReadOnlyView {
+            mnt: mnt.to_path_buf(),
+        };
+        assert!(
+            ok(Command::new("mount")
+                .args(["-o", "remount,bind,ro"])
+                .arg(mnt)),
+            "remounting read-only failed"
+        );
+        view
+    }
+}
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+#[test]
+fn a_campaign_archived_on_a_read_only_file_system_can_still_be_listed() {
+    if common::on_postgres() {
+        // The database is a server's, not a file on the mount.
+        return;
+    }
+    let db = Db::new();
+    db.hello_app();
+    for name in ["a", "b", "c"] {
+        db.add_job(name, "archived", "say-hello", &[]);
+    }
+    // The archive holds the database file without its -wal and -shm files, as a copy of the
+    // directory or the `sqlite3` shell (which removes them when it closes) leaves it.
+    let archive = db.tmp.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&db.path)
+        .arg(archive.join("db"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    for f in ["balsamdb.sqlite3-wal", "balsamdb.sqlite3-shm"] {
+        let _ = std::fs::remove_file(archive.join("db").join(f));
+    }
+    let view = ReadOnlyView::new(&archive, &db.tmp.path().join("view"));
+    let on_view = |args: &[&str]| {
+        let mut c = Command::new(common::balsam_bin());
+        c.args(args)
+            .env("BALSAM_DB_PATH", view.mnt.join("db"))
+            .current_dir(db.tmp.path());
+        run_cmd(c, Duration::from_secs(30), None)
+    };
+    let ls = on_view(&["ls"]);
+    let out = ls.ok();
+    for name in ["a", "b", "c"] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name)),
+            "{out}"
+        );
+    }
+    assert!(
+        on_view(&["ls", "--by-states"])
+            .ok()
+            .contains("CREATED (3 BalsamJobs)"),
+        "{out}"
+    );
+    // A write is refused with a message, and changes nothing.
+    let add = on_view(&[
+        "job",
+        "--name",
+        "d",
+        "--workflow",
+        "archived",
+        "--app",
+        "say-hello",
+        "--yes",
+    ]);
+    let err = add.err();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    assert!(
+        on_view(&["ls", "--by-states"])
+            .ok()
+            .contains("CREATED (3 BalsamJobs)"),
+        "{err}"
+    );
+    // Changes in a -wal file cannot be read there without a -shm file: refused, saying why.
+    std::fs::copy(
+        db.path.join("balsamdb.sqlite3-wal"),
+        archive.join("db/balsamdb.sqlite3-wal"),
+    )
+    .unwrap();
+    let ls = on_view(&["ls"]);
+    let err = ls.err();
+    assert!(err.contains("read-only file system"), "{err}");
+    assert!(err.contains("balsamdb.sqlite3-wal"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

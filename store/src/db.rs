@@ -104,6 +104,15 @@ impl Store {
     /// Opens an existing database directory (SQLite or PostgreSQL), migrating an older schema
     /// forward.
     pub fn open(dir: DbDir) -> Result<Store> {
+        if dir.backend() == Backend::Sqlite && on_read_only_fs(&dir.root) {
+            // SQLite would say only "unable to open database file" or "attempt to write a
+            // readonly database", after the caller has done its work.
+            return Err(Error::Refused(format!(
+                "the database in {} is on a read-only file system: it can be read (`balsam ls`), not changed; \
+                 remount it read-write, or copy the directory somewhere writable and use the copy",
+                dir.root.display()
+            )));
+        }
         let mut store = Store::connect(dir, false)?;
         store.migrate()?;
         Ok(store)
@@ -128,8 +137,20 @@ impl Store {
     }
 
     fn try_open_read_only(dir: DbDir) -> Result<Store> {
-        let mut store = Store::connect(dir.clone(), true)?;
-        let (found, current) = store.found_version()?;
+        // SQLite reports the missing -shm at the first read, not at the open.
+        let opened = Store::connect(dir.clone(), true).and_then(|mut s| {
+            let v = s.found_version()?;
+            Ok((s, v))
+        });
+        let (store, (found, current)) = match opened {
+            Ok(o) => o,
+            Err(e) if dir.backend() == Backend::Sqlite && on_read_only_fs(&dir.root) => {
+                let mut s = Store::connect_sqlite_frozen(dir.clone(), e)?;
+                let v = s.found_version()?;
+                (s, v)
+            }
+            Err(e) => return Err(e),
+        };
         if found == current {
             return Ok(store);
         }
@@ -194,6 +215,49 @@ impl Store {
                 Ok(store)
             }
         }
+    }
+
+    /// Opens an SQLite database on a read-only file system (an archived campaign, a read-only
+    /// mount of a project directory) whose `-wal` and `-shm` files are missing: SQLite opens a
+    /// WAL database only with them, and nobody can create them there. Without a `-wal` file the
+    /// database file holds every committed change, and no process can write through a
+    /// read-only mount, so it is opened as immutable: read without locks. A `-wal` file that is
+    /// there means changes this host cannot see without its `-shm`; that is refused, saying so.
+    fn connect_sqlite_frozen(dir: DbDir, first: Error) -> Result<Store> {
+        let file = dir.db_file();
+        let wal = file.with_file_name(format!(
+            "{}-wal",
+            file.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        if !file.is_file() {
+            return Err(first);
+        }
+        if wal.exists() {
+            return Err(Error::Refused(format!(
+                "cannot read the database in {}: it is on a read-only file system, and its changes in {} \
+                 can only be read with a -shm file, which cannot be created there; \
+                 open it once where its directory is writable (any balsam command)",
+                dir.root.display(),
+                wal.display()
+            )));
+        }
+        let uri = format!("file:{}?immutable=1", uri_path(&file));
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(uri, flags)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", -65536)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let file_id = file_id(&file);
+        Ok(Store {
+            conn: Some(Conn::Sqlite(conn)),
+            dir,
+            read_only: true,
+            file_id,
+            server: None,
+            patience: DEFAULT_PATIENCE,
+        })
     }
 
     fn connect_sqlite(dir: DbDir, create: bool, read_only: bool) -> Result<Store> {
@@ -650,6 +714,33 @@ fn persist_wal(conn: &Connection) {
             (&mut on as *mut std::ffi::c_int).cast(),
         );
     }
+}
+
+/// Whether `dir` sits on a file system mounted read-only.
+fn on_read_only_fs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs(3) with a NUL-terminated path and a zeroed struct it fills in.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+    }
+}
+
+/// A path as the path part of an SQLite `file:` URI: `%`, `?` and `#` are escaped.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for ch in path.to_string_lossy().chars() {
+        match ch {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// (device, inode) of a file, if it exists.
