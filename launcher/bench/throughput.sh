@@ -24,6 +24,7 @@
 # ROUNDS=K to run the backends K times in turn, in alternating order, and print each round's
 # PostgreSQL / SQLite ratio and their median (this machine's speed drifts within minutes; a
 # round's two runs are neighbours in time). The full figures shown are the last round's.
+# SERVER_NICE (default 0) is the PostgreSQL server's nice value during the run (see below).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -93,54 +94,65 @@ server_cpu() {
     awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { print t / hz }'
 }
 
+# The PostgreSQL server stands here for one on a login node, which takes no CPU from the
+# compute nodes. On this one host it shares the cores with the jobs, at their priority: the
+# worst case, and the default. SERVER_NICE=10 runs it at the priority of the launcher's own
+# bookkeeping threads (launcher/src/store_thread.rs BOOKKEEPING_NICE), where SQLite's writes
+# run: each backend's database work then gets the same share of the CPU.
+server_nice="${SERVER_NICE:-0}"
+
 declare -A DONE EXIT RUN SERVER
 ROUND_RATIOS=()
 rounds="${ROUNDS:-1}"
 for round in $(seq "$rounds"); do
-# Every other round runs the backends in the opposite order: a run leaves the file system
-# with work to do (tens of thousands of new files and directories, written back meanwhile),
-# which the run after it pays for.
-order=$backends
-if [ $((round % 2)) = 0 ]; then order=$(printf '%s\n' $backends | tac | tr '\n' ' '); fi
-for be in $order; do
-    db="$work/db-$be-$round"
-    case $be in
-        sqlite) balsam init "$db" >/dev/null ;;
-        postgres) balsam init "$db" --postgres >/dev/null 2>&1; servers+=("$db") ;;
-        *) echo "unknown backend $be (sqlite or postgres)" >&2; exit 2 ;;
-    esac
-    export BALSAM_DB_PATH="$db"
-    balsam app --name true --executable /bin/true >/dev/null
-    balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
-    # Dirty pages of the import (and of earlier runs) are written back first, not during the run.
-    sync
-    # The launcher, with its default idle rules.
-    cpu0=$(server_cpu "$db")
-    t0_us=$(date +%s%6N)
-    MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
-        2> "$work/launcher-$be.log"
-    t1_us=$(date +%s%6N)
-    SERVER[$be]=$(awk -v a="$cpu0" -v b="$(server_cpu "$db")" 'BEGIN { printf "%.1f", b - a }')
-    # Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
-    finished=$(q "$be" "$db" "SELECT count(*) FROM jobs WHERE state = 8")
-    [ "$finished" = "$n" ] || { echo "$be: only $finished of $n jobs finished; see $work/launcher-$be.log" >&2; KEEP=1; exit 1; }
-    first_running=$(q "$be" "$db" "SELECT min(time_us) FROM events WHERE to_state = 5")
-    last_done=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 6")
-    last_finished=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 8")
-    DONE[$be]=$(awk -v a="$t0_us" -v b="$last_finished" 'BEGIN { print (b - a) / 1e6 }')
-    EXIT[$be]=$(awk -v a="$t0_us" -v b="$t1_us" 'BEGIN { print (b - a) / 1e6 }')
-    RUN[$be]=$(awk -v a="$first_running" -v b="$last_done" 'BEGIN { print (b - a) / 1e6 }')
-    # Keeps each round's times beside the last round's (which the report shows in full).
-    DONE[$be.$round]=${DONE[$be]}
-    # Its server's memory and CPU go back before the next run (the files stay until the end:
-    # removing 20,000 directories would slow the next run's file creation).
-    if [ "$be" = postgres ] && [ "$rounds" -gt 1 ]; then
-        balsam server stop --db "$db" >/dev/null 2>&1 || true
+    # Every other round runs the backends in the opposite order: a run leaves the file system
+    # with work to do (tens of thousands of new files and directories, written back meanwhile),
+    # which the run after it pays for.
+    order=$backends
+    if [ $((round % 2)) = 0 ]; then order=$(printf '%s\n' $backends | tac | tr '\n' ' '); fi
+    for be in $order; do
+        db="$work/db-$be-$round"
+        case $be in
+            sqlite) balsam init "$db" >/dev/null ;;
+            postgres)
+                balsam init "$db" --postgres >/dev/null 2>&1; servers+=("$db")
+                # The server's backends are forked from the postmaster and inherit its priority.
+                pm=$(head -1 "$db/balsamdb/postmaster.pid")
+                renice -n "$server_nice" -p "$pm" $(pgrep -P "$pm") >/dev/null ;;
+            *) echo "unknown backend $be (sqlite or postgres)" >&2; exit 2 ;;
+        esac
+        export BALSAM_DB_PATH="$db"
+        balsam app --name true --executable /bin/true >/dev/null
+        balsam job --from-file "$work/jobs.jsonl" --yes >/dev/null
+        # Dirty pages of the import (and of earlier runs) are written back first, not during the run.
+        sync
+        # The launcher, with its default idle rules.
+        cpu0=$(server_cpu "$db")
+        t0_us=$(date +%s%6N)
+        MPIEXEC_TIMEOUT=3600 balsam launcher --job-mode serial --num-workers "$workers" --consume-all \
+            2> "$work/launcher-$be.log"
+        t1_us=$(date +%s%6N)
+        SERVER[$be]=$(awk -v a="$cpu0" -v b="$(server_cpu "$db")" 'BEGIN { printf "%.1f", b - a }')
+        # Times from the state history: RUNNING = 5, RUN_DONE = 6, JOB_FINISHED = 8 (store/src/state.rs).
+        finished=$(q "$be" "$db" "SELECT count(*) FROM jobs WHERE state = 8")
+        [ "$finished" = "$n" ] || { echo "$be: only $finished of $n jobs finished; see $work/launcher-$be.log" >&2; KEEP=1; exit 1; }
+        first_running=$(q "$be" "$db" "SELECT min(time_us) FROM events WHERE to_state = 5")
+        last_done=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 6")
+        last_finished=$(q "$be" "$db" "SELECT max(time_us) FROM events WHERE to_state = 8")
+        DONE[$be]=$(awk -v a="$t0_us" -v b="$last_finished" 'BEGIN { print (b - a) / 1e6 }')
+        EXIT[$be]=$(awk -v a="$t0_us" -v b="$t1_us" 'BEGIN { print (b - a) / 1e6 }')
+        RUN[$be]=$(awk -v a="$first_running" -v b="$last_done" 'BEGIN { print (b - a) / 1e6 }')
+        # Keeps each round's times beside the last round's (which the report shows in full).
+        DONE[$be.$round]=${DONE[$be]}
+        # Its server's memory and CPU go back before the next run (the files stay until the end:
+        # removing 20,000 directories would slow the next run's file creation).
+        if [ "$be" = postgres ] && [ "$rounds" -gt 1 ]; then
+            balsam server stop --db "$db" >/dev/null 2>&1 || true
+        fi
+    done
+    if [ -n "${DONE[sqlite.$round]:-}" ] && [ -n "${DONE[postgres.$round]:-}" ]; then
+        ROUND_RATIOS+=("$(ratio "${DONE[postgres.$round]}" "${DONE[sqlite.$round]}")")
     fi
-done
-if [ -n "${DONE[sqlite.$round]:-}" ] && [ -n "${DONE[postgres.$round]:-}" ]; then
-    ROUND_RATIOS+=("$(ratio "${DONE[postgres.$round]}" "${DONE[sqlite.$round]}")")
-fi
 done
 
 read -r _ loop2_s _ < <("$bin/examples/spawn_baseline" "$n" 2 /bin/true)
@@ -166,7 +178,7 @@ if [ -n "${DONE[sqlite]:-}" ] && [ -n "${DONE[postgres]:-}" ]; then
         printf '  postgres / sqlite time to last finished, each of %d rounds run back to back: %s; median %s (target <= 1.10)\n' \
             "$rounds" "${ROUND_RATIOS[*]}" "$median"
     fi
-    printf '  the PostgreSQL server used %s CPU seconds of these %d cores during its launcher run\n' "${SERVER[postgres]}" "$(nproc)"
+    printf '  the PostgreSQL server (at nice %s; SERVER_NICE sets it) used %s CPU seconds of these %d cores during its launcher run\n' "$server_nice" "${SERVER[postgres]}" "$(nproc)"
 fi
 if [ "$spread" -gt 10 ]; then
     echo "  warning: the two loop runs differ by $spread%: the machine was not quiet; run again" >&2
