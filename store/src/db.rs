@@ -810,3 +810,27 @@ pub(crate) fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_immutable_uri_names_the_file_whatever_its_path_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run 7?retry#2 100%");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("balsamdb.sqlite3");
+        let c = Connection::open(&file).unwrap();
+        c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (42);")
+            .unwrap();
+        drop(c);
+        let uri = format!("file:{}?immutable=1", uri_path(&file));
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let c = Connection::open_with_flags(&uri, flags).unwrap();
+        let x: i64 = c.query_row("SELECT x FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(x, 42);
+        // Without the escapes, SQLite would read "retry#2 100%" as the URI's query and fragment.
+        assert!(uri.contains("run 7%3fretry%232 100%25"), "{uri}");
+    }
+}
