@@ -623,6 +623,58 @@ fn sigterm_stops_the_launcher_cleanly_and_its_jobs_run_again() {
 }
 
 #[test]
+fn a_launcher_command_killed_with_sigkill_stops_its_pilot_and_its_jobs_run_again() {
+    let db = Db::new();
+    db.run(&["app", "--name", "long", "--executable", &app("once.sh")])
+        .ok();
+    let log = db.tmp.path().join("finished.log").display().to_string();
+    db.add_job(
+        "k1",
+        "sigkill",
+        "long",
+        &["--args", &format!("{log} k1 60")],
+    );
+    let mut bg = background(&db, 1, &["--kill-grace-seconds", "1"], "sigkill");
+    let wd = workdir(&db, "k1");
+    wait_until("the job to run", Duration::from_secs(60), || {
+        db.state_of("k1") == "RUNNING" && wd.join("pid").exists()
+    });
+    let job_pid: i32 = read(&wd.join("pid")).trim().parse().unwrap();
+    // Everything `balsam launcher` started: mpiexec (in a process group of its own), the
+    // ranks, their nurseries and the job.
+    let cli = bg.pid();
+    let tree: Vec<i32> = common::process_tree(cli)
+        .into_iter()
+        .filter(|p| *p != cli)
+        .collect();
+    assert!(tree.contains(&job_pid), "{tree:?}");
+    // Should the test fail, what survived the command must not outlive the test.
+    struct KillOnDrop(Vec<i32>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                // SAFETY: processes this test started.
+                unsafe { libc::kill(*p, libc::SIGKILL) };
+            }
+        }
+    }
+    let mut survivors = KillOnDrop(tree.clone());
+    // SAFETY: kills the command this test started, and only it.
+    unsafe { libc::kill(cli, libc::SIGKILL) };
+    assert_eq!(bg.wait(Duration::from_secs(10)), None, "{}", bg.output());
+    wait_until(
+        "the pilot and its job to stop",
+        Duration::from_secs(20),
+        || tree.iter().all(|p| !alive(*p)),
+    );
+    // All gone: their pids may be reused from now on.
+    survivors.0.clear();
+    assert_eq!(db.state_of("k1"), "RESTART_READY", "{}", history(&db, "k1"));
+    launcher(&db, 1, &[]).ok();
+    assert_eq!(db.state_of("k1"), "JOB_FINISHED");
+}
+
+#[test]
 fn a_crashed_rank_ends_the_launcher_and_its_jobs_and_another_launcher_recovers() {
     let db = Db::new();
     set_settings(&db, &[("LEASE_EXPIRY_SECONDS", Value::from(5))]);

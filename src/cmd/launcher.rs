@@ -3,7 +3,7 @@
 //! templates do (see [`in_allocation`]), and waits for it. SIGINT and SIGTERM are passed on to
 //! mpiexec, which passes them to the ranks: the launcher then stops cleanly (running jobs become
 //! RUN_TIMEOUT, then RESTART_READY) and exits 0. mpiexec runs in its own process group so a
-//! terminal's Ctrl-C reaches it once, through us.
+//! terminal's Ctrl-C reaches it once, through us, and gets SIGTERM when we die, even by SIGKILL.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,6 +48,25 @@ pub fn run(db: &DbDir, args: &LauncherArgs) -> Result<i32> {
     cmd.args(&argv[1..])
         .env("BALSAM_DB_PATH", &db.root)
         .process_group(0);
+    // Its own process group keeps mpiexec out of a terminal's signals and of a kill of ours,
+    // so without this a `balsam launcher` killed with SIGKILL would leave the pilot running
+    // unseen, with no one to wait for it. When this process dies, mpiexec gets SIGTERM, which
+    // stops the launcher as Ctrl-C does: running jobs become RESTART_READY.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl(2), getppid(2) and raise(3) are async-signal-safe; the closure allocates
+    // nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nothing would ever send it.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
     tracing::info!("starting {}", shell_words::join(&argv));
     let mut child = cmd
         .spawn()
