@@ -641,19 +641,44 @@ fn create_database_if_missing(dir: &DbDir, info: &ServerInfo) -> Result<()> {
     }
 }
 
+/// How many connection attempts of this process may wait for a server's answer at once: one
+/// for each of a launcher's threads that use the database, and a few more.
+const MAX_WAITING_CONNECTS: usize = 8;
+/// Connection attempts of this process waiting for a server's answer, including those whose
+/// caller stopped waiting (see [`connect_bounded`]).
+static WAITING_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Connects with a bound on the whole exchange. The client library bounds the TCP connect
 /// only: a server that accepts connections and never answers (stopped with SIGSTOP, or its
 /// host hung) would hold a command forever. The attempt runs on a thread of its own; one that
-/// times out is left behind, to end when the server answers or the connection breaks. Its
-/// error is an [`Error::Io`] of kind `TimedOut`; the library's own errors are [`Error::Pg`].
+/// times out is left behind, to end when the server answers or the connection breaks, and at
+/// most [`MAX_WAITING_CONNECTS`] are left behind at once: past that, an attempt fails at once.
+/// Its error is an [`Error::Io`] of kind `TimedOut`; the library's own errors are
+/// [`Error::Pg`].
 fn connect_bounded(config: postgres::Config) -> Result<postgres::Client> {
+    // A server that stays silent for hours (stopped, not dead: its kernel still acknowledges)
+    // would otherwise collect a thread and a socket per retry, until the process runs out.
+    if WAITING_CONNECTS.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_CONNECTS {
+        WAITING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
+        return Err(Error::io(
+            format!(
+                "no answer: {MAX_WAITING_CONNECTS} earlier attempts to connect still wait for the server"
+            ),
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        ));
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("pg-connect".into())
         .spawn(move || {
-            let _ = tx.send(config.connect(postgres::NoTls));
+            let r = config.connect(postgres::NoTls);
+            WAITING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
+            let _ = tx.send(r);
         })
-        .map_err(|e| Error::io("cannot start a thread to connect to the database server", e))?;
+        .map_err(|e| {
+            WAITING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
+            Error::io("cannot start a thread to connect to the database server", e)
+        })?;
     match rx.recv_timeout(crate::server_info::CONNECT_TIMEOUT) {
         Ok(r) => r.map_err(Error::Pg),
         Err(_) => Err(Error::io(
@@ -814,6 +839,50 @@ pub(crate) fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_that_never_answers_holds_a_bounded_number_of_connection_attempts() {
+        // A server that accepts connections and never answers, like one stopped with SIGSTOP.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepter = std::thread::spawn(move || {
+            (0..MAX_WAITING_CONNECTS)
+                .map(|_| listener.accept().unwrap().0)
+                .collect::<Vec<_>>()
+        });
+        let attempts: Vec<_> = (0..MAX_WAITING_CONNECTS + 4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = postgres::Config::new();
+                    c.host("127.0.0.1")
+                        .port(port)
+                        .user("balsam")
+                        .dbname("balsam");
+                    connect_bounded(c).map(|_| ()).unwrap_err().to_string()
+                })
+            })
+            .collect();
+        let errors: Vec<String> = attempts.into_iter().map(|t| t.join().unwrap()).collect();
+        let turned_away = errors
+            .iter()
+            .filter(|e| e.contains("earlier attempts to connect still wait"))
+            .count();
+        assert_eq!(turned_away, 4, "{errors:?}");
+        assert_eq!(
+            WAITING_CONNECTS.load(Ordering::Acquire),
+            MAX_WAITING_CONNECTS
+        );
+        // The server goes away: the attempts left behind end, and new ones may start.
+        drop(accepter.join().unwrap());
+        let t = Instant::now();
+        while WAITING_CONNECTS.load(Ordering::Acquire) > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "attempts still waiting"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn an_immutable_uri_names_the_file_whatever_its_path_holds() {
