@@ -429,6 +429,17 @@ fn a_read_only_database_directory_fails_no_job_and_the_launcher_says_so() {
     assert!(st.values().all(|s| s == "JOB_FINISHED"), "{st:?}");
 }
 
+/// Unmounts `mnt`; lazily when it is busy (a process of a failed test may still use it).
+fn unmount(mnt: &Path) {
+    let unmounted = Command::new("umount")
+        .arg(mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unmounted {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
 /// A small file system of its own (a loop-mounted ext4 image), unmounted when the test ends.
 struct SmallDisk {
     mnt: PathBuf,
@@ -475,13 +486,7 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         // The loop device goes with the mount (mount -o loop sets autoclear).
-        let unmounted = Command::new("umount")
-            .arg(&self.mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
+        unmount(&self.mnt);
     }
 }
 
@@ -773,13 +778,7 @@ impl ReadOnlyView {
 
 impl Drop for ReadOnlyView {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
+        unmount(&self.mnt);
     }
 }
 
