@@ -5,72 +5,36 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, history, job, process_tree, read, repo_root, run_cmd, set_settings, wait_until,
-    Background, Db, Run,
+    alive, background_launcher, history, job, process_tree, read, repo_root, run_cmd, run_launcher,
+    set_settings, states, wait_until, workdir, Background, Db, IdleExit, Run, LAUNCHER_TIMEOUT,
 };
 use serde_json::Value;
 
-/// Bound of one launcher run.
-const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
-
 fn app(name: &str) -> String {
-    repo_root()
-        .join("tests/fixtures/apps")
-        .join(name)
-        .display()
-        .to_string()
+    common::fixture_app(name)
 }
 
 /// `balsam launcher --num-workers N --consume-all` with a short idle exit, plus `extra`.
 fn launcher_cmd(db: &Db, workers: u32, extra: &[&str]) -> Command {
-    common::sibling_bin("balsam-mpi-launcher");
-    let n = workers.to_string();
-    let mut c = db.cmd(&[
-        "launcher",
-        "--num-workers",
-        &n,
-        "--consume-all",
-        "--idle-exit-seconds",
-        "1",
-    ]);
-    c.args(extra).env("MPIEXEC_TIMEOUT", "140");
-    c
+    common::launcher_cmd(db, workers, IdleExit::AfterOneSecond, extra)
 }
 
 fn launcher(db: &Db, workers: u32, extra: &[&str]) -> Run {
-    run_cmd(launcher_cmd(db, workers, extra), LAUNCHER_TIMEOUT, None)
+    run_launcher(launcher_cmd(db, workers, extra))
 }
 
-/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
 fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-    let log = db.tmp.path().join(format!("{name}.log"));
-    Background::start(launcher_cmd(db, workers, extra), log)
+    background_launcher(db, launcher_cmd(db, workers, extra), name)
 }
 
 fn jobs(db: &Db) -> Vec<Value> {
     db.jobs_json(&[])
-}
-
-fn states(db: &Db) -> HashMap<String, String> {
-    jobs(db)
-        .iter()
-        .map(|j| {
-            (
-                j["name"].as_str().unwrap().to_string(),
-                j["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn workdir(db: &Db, name: &str) -> PathBuf {
-    PathBuf::from(job(db, name)["workdir"].as_str().unwrap())
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{balsam_bin, read, repo_root, run_cmd, sibling_bin, wait_for, Daemon, Db};
+use common::{balsam_bin, read, repo_root, run_cmd, sibling_bin, states, wait_for, Daemon, Db};
 use private_server::{alive, is_root, uid_of, PgDb, TreeGuard};
 use serde_json::Value;
 
@@ -634,18 +634,6 @@ fn now_s() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-fn states(db: &Db) -> HashMap<String, String> {
-    db.jobs_json(&[])
-        .iter()
-        .map(|j| {
-            (
-                j["name"].as_str().unwrap().to_string(),
-                j["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 /// Rank 0's logs of every launcher session.

@@ -11,16 +11,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, history, job, process_tree, repo_root, run_cmd, wait_until, Background, Db, Run,
+    alive, background_launcher, history, job, process_tree, repo_root, run_launcher, wait_until,
+    workdir, Background, Db, IdleExit, Run, LAUNCHER_TIMEOUT,
 };
-
-/// Bound of one launcher run.
-const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// What the README promises for `balsam killjob` (a launcher stops the process within 2 s), with
 /// a margin for a machine busy with builds.
@@ -35,22 +33,11 @@ fn tree_app(db: &Db, name: &str) {
 
 /// `balsam launcher --num-workers N --consume-all` with a short idle exit, plus `extra`.
 fn launcher_cmd(db: &Db, workers: u32, extra: &[&str]) -> Command {
-    common::sibling_bin("balsam-mpi-launcher");
-    let n = workers.to_string();
-    let mut c = db.cmd(&[
-        "launcher",
-        "--num-workers",
-        &n,
-        "--consume-all",
-        "--idle-exit-seconds",
-        "1",
-    ]);
-    c.args(extra).env("MPIEXEC_TIMEOUT", "140");
-    c
+    common::launcher_cmd(db, workers, IdleExit::AfterOneSecond, extra)
 }
 
 fn launcher(db: &Db, workers: u32, extra: &[&str]) -> Run {
-    run_cmd(launcher_cmd(db, workers, extra), LAUNCHER_TIMEOUT, None)
+    run_launcher(launcher_cmd(db, workers, extra))
 }
 
 /// The processes of one test, found by their markers; killed by pid when the test ends.
@@ -171,10 +158,8 @@ fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
 fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-    let log = db.tmp.path().join(format!("{name}.log"));
-    Background::start(launcher_cmd(db, workers, extra), log)
+    background_launcher(db, launcher_cmd(db, workers, extra), name)
 }
 
 /// The launcher's MPI ranks (not their nurseries), by rank.
@@ -206,10 +191,6 @@ fn nurseries(bg: &Background) -> Vec<i32> {
         .into_iter()
         .filter(|p| cmdline(*p).starts_with("balsam-nursery"))
         .collect()
-}
-
-fn workdir(db: &Db, name: &str) -> PathBuf {
-    PathBuf::from(job(db, name)["workdir"].as_str().unwrap())
 }
 
 fn started(db: &Db, name: &str) -> bool {

@@ -12,56 +12,30 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{alive, history, job, read, repo_root, run_cmd, wait_until, Background, Db, Run};
-
-/// Bound of one launcher run.
-const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
+use common::{
+    alive, background_launcher, history, read, run_cmd, run_launcher, states, wait_until, workdir,
+    Background, Db, IdleExit, Run, LAUNCHER_TIMEOUT,
+};
 
 fn app(name: &str) -> String {
-    repo_root()
-        .join("tests/fixtures/apps")
-        .join(name)
-        .display()
-        .to_string()
+    common::fixture_app(name)
 }
 
 /// `balsam launcher --num-workers N --consume-all` plus `extra`, with the default idle rules.
 fn launcher_cmd(db: &Db, workers: u32, extra: &[&str]) -> Command {
-    common::sibling_bin("balsam-mpi-launcher");
-    let n = workers.to_string();
-    let mut c = db.cmd(&["launcher", "--num-workers", &n, "--consume-all"]);
-    c.args(extra).env("MPIEXEC_TIMEOUT", "140");
-    c
+    common::launcher_cmd(db, workers, IdleExit::Default, extra)
 }
 
 fn launcher(db: &Db, workers: u32, extra: &[&str]) -> Run {
-    run_cmd(launcher_cmd(db, workers, extra), LAUNCHER_TIMEOUT, None)
+    run_launcher(launcher_cmd(db, workers, extra))
 }
 
-/// The launcher of `launcher_cmd` in the background, its output in `NAME.log`.
 fn background(db: &Db, workers: u32, extra: &[&str], name: &str) -> Background {
-    let log = db.tmp.path().join(format!("{name}.log"));
-    Background::start(launcher_cmd(db, workers, extra), log)
-}
-
-fn states(db: &Db) -> HashMap<String, String> {
-    db.jobs_json(&[])
-        .iter()
-        .map(|j| {
-            (
-                j["name"].as_str().unwrap().to_string(),
-                j["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    background_launcher(db, launcher_cmd(db, workers, extra), name)
 }
 
 fn count_in(states: &HashMap<String, String>, state: &str) -> usize {
     states.values().filter(|s| *s == state).count()
-}
-
-fn workdir(db: &Db, name: &str) -> PathBuf {
-    PathBuf::from(job(db, name)["workdir"].as_str().unwrap())
 }
 
 /// Most jobs running at once, from `record.sh`'s start/end lines.

@@ -505,3 +505,66 @@ impl Drop for Background {
         self.kill9();
     }
 }
+
+/// Bound of one launcher run in the end-to-end suites.
+pub const LAUNCHER_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// A program of `tests/fixtures/apps`, by file name.
+pub fn fixture_app(name: &str) -> String {
+    repo_root()
+        .join("tests/fixtures/apps")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// When a test's launcher leaves once it is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleExit {
+    /// The launcher's default rules (it leaves when nothing more can arrive).
+    Default,
+    /// `--idle-exit-seconds 1` on top.
+    AfterOneSecond,
+}
+
+/// `balsam launcher --num-workers N --consume-all` with `idle`, plus `extra`, bounded by
+/// MPIEXEC_TIMEOUT below [`LAUNCHER_TIMEOUT`].
+pub fn launcher_cmd(db: &Db, workers: u32, idle: IdleExit, extra: &[&str]) -> Command {
+    sibling_bin("balsam-mpi-launcher");
+    let n = workers.to_string();
+    let mut c = db.cmd(&["launcher", "--num-workers", &n, "--consume-all"]);
+    if idle == IdleExit::AfterOneSecond {
+        c.args(["--idle-exit-seconds", "1"]);
+    }
+    c.args(extra).env("MPIEXEC_TIMEOUT", "140");
+    c
+}
+
+/// Runs a launcher command to its end, within [`LAUNCHER_TIMEOUT`].
+pub fn run_launcher(cmd: Command) -> Run {
+    run_cmd(cmd, LAUNCHER_TIMEOUT, None)
+}
+
+/// A launcher command in the background, its output in `NAME.log` of the test's folder.
+pub fn background_launcher(db: &Db, cmd: Command, name: &str) -> Background {
+    let log = db.tmp.path().join(format!("{name}.log"));
+    Background::start(cmd, log)
+}
+
+/// Every job's state, by name.
+pub fn states(db: &Db) -> std::collections::HashMap<String, String> {
+    db.jobs_json(&[])
+        .iter()
+        .map(|j| {
+            (
+                j["name"].as_str().unwrap().to_string(),
+                j["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The working directory of the (one) job with this name.
+pub fn workdir(db: &Db, name: &str) -> PathBuf {
+    PathBuf::from(job(db, name)["workdir"].as_str().unwrap())
+}
