@@ -246,14 +246,19 @@ impl Store {
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(uri, flags)?;
+        Store::over_sqlite(conn, dir, true)
+    }
+
+    /// The store over an open SQLite connection, with the settings every connection gets.
+    fn over_sqlite(conn: Connection, dir: DbDir, read_only: bool) -> Result<Store> {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65536)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let file_id = file_id(&file);
+        let file_id = file_id(&dir.db_file());
         Ok(Store {
             conn: Some(Conn::Sqlite(conn)),
             dir,
-            read_only: true,
+            read_only,
             file_id,
             server: None,
             patience: DEFAULT_PATIENCE,
@@ -288,18 +293,7 @@ impl Store {
             // removed), so users who may only read the directory can still open the database.
             persist_wal(&conn);
         }
-        conn.pragma_update(None, "temp_store", "MEMORY")?;
-        conn.pragma_update(None, "cache_size", -65536)?;
-        conn.set_prepared_statement_cache_capacity(64);
-        let file_id = file_id(&dir.db_file());
-        Ok(Store {
-            conn: Some(Conn::Sqlite(conn)),
-            dir,
-            read_only,
-            file_id,
-            server: None,
-            patience: DEFAULT_PATIENCE,
-        })
+        Store::over_sqlite(conn, dir, read_only)
     }
 
     /// Connects to the PostgreSQL server if not connected, retrying until `since` + patience.
